@@ -1,0 +1,134 @@
+"""What every task kind is: a serializer from records to token sequences, a decoding constraint, a metric.
+
+One `UnifierTask` subclass per task kind (caption, vqa, grounding, region_caption,
+entailment, text_to_image). The same `example()` builds training and evaluation
+sequences, so the two cannot drift; `decode()` turns generated ids back into a typed output.
+
+Sequence conventions (OFA's):
+    encoder text  = <s> + prompt pieces + </s>             (image patches go in front, in the model)
+    decoder input = <s> + target[:-1]  (shifted right by the model / collator)
+    target        = target pieces + </s>
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from unifier.data.records import ImageSource, Record
+from unifier.tokenization.vocab import UnifierVocab
+
+
+# ---- decoding constraints: what `unifier.generation` must enforce ----------------------------
+@dataclass(frozen=True)
+class FreeText:
+    """Unconstrained text, up to `max_new_tokens`, ending at </s>."""
+
+    max_new_tokens: int = 32
+
+
+@dataclass(frozen=True)
+class AnswerSet:
+    """Exactly one of `answers` (a prefix trie over their token sequences, each + </s>)."""
+
+    answers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ExactBins:
+    """Exactly `count` location-bin tokens, then </s>."""
+
+    count: int = 4
+
+
+@dataclass(frozen=True)
+class ExactCodes:
+    """Exactly `count` image-code tokens, then </s>."""
+
+    count: int
+
+
+Constraint = FreeText | AnswerSet | ExactBins | ExactCodes
+
+
+# ---- typed outputs: what decode() and predict() return -------------------------------------------
+@dataclass
+class TextOutput:
+    text: str
+    score: float | None = None
+
+
+@dataclass
+class BoxOutput:
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels of the input image
+    score: float | None = None
+
+
+@dataclass
+class ImageOutput:
+    codes: tuple[int, ...]  # raster-order VQ-GAN codes
+    image: Any = None  # PIL.Image once decoded by the image tokenizer
+    score: float | None = None
+    rerank_score: float | None = None
+
+
+Output = TextOutput | BoxOutput | ImageOutput
+
+
+@dataclass
+class Example:
+    """One serialized sample: everything the collator needs, plus the record for evaluation."""
+
+    task: str
+    prompt_ids: list[int]  # encoder text ids: <s> prompt </s>
+    image: ImageSource | None  # encoder image, None for text-only prompts (text-to-image)
+    target_ids: list[int]  # decoder target ids ending in </s>
+    record: Record | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. image width / height for box decoding
+
+
+class UnifierTask(ABC):
+    """Base class of the task kinds; subclasses set the class attributes and implement the three methods."""
+
+    name: ClassVar[str]  # registry key, e.g. "vqa"
+    record_type: ClassVar[type]
+    metric: ClassVar[str]  # name of the metric in unifier.metrics
+    has_image_input: ClassVar[bool] = True
+
+    def __init__(self, vocab: UnifierVocab, **options: Any):
+        self.vocab = vocab
+        self.options = options
+
+    @abstractmethod
+    def prompt(self, record: Record) -> str:
+        """The prompt text of design.md's table for this record."""
+
+    @abstractmethod
+    def target_ids(self, record: Record) -> list[int]:
+        """Decoder target ids, ending in </s>."""
+
+    @abstractmethod
+    def constraint(self, record: Record | None = None) -> Constraint:
+        """How generation is constrained for this task (per record where the answer set varies)."""
+
+    @abstractmethod
+    def decode(self, ids: list[int], meta: dict[str, Any]) -> Output:
+        """Generated ids (no bos, eos optional) -> typed output."""
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return [self.vocab.bos_id, *self.vocab.encode_text(prompt), self.vocab.eos_id]
+
+    def example(self, record: Record) -> Example:
+        """Serialize one record; the same call serves training and evaluation."""
+        return Example(
+            task=self.name,
+            prompt_ids=self.encode_prompt(self.prompt(record)),
+            image=getattr(record, "image", None) if self.has_image_input else None,
+            target_ids=self.target_ids(record),
+            record=record,
+            meta=self.meta(record),
+        )
+
+    def meta(self, record: Record) -> dict[str, Any]:
+        return {}
