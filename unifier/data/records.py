@@ -47,6 +47,9 @@ class VqaRecord:
     answer: str  # VQAv2's multiple_choice_answer: the training target
     answers: tuple[str, ...]  # the ten human answers (fewer for some data sets)
     answer_type: str | None = None
+    # Soft scores aligned with `answers` where a data set gives them instead of ten raw answers (OFA's VQA TSV
+    # `conf|!+answer`); the VQA metric then scores a prediction by its answer's score. None: plain answers.
+    answer_scores: tuple[float, ...] | None = None
     task: str = field(default="vqa", init=False)
 
 
@@ -103,7 +106,7 @@ class TextToImageRecord:
     task: str = field(default="text_to_image", init=False)
 
 
-Record = Union[CaptionRecord, VqaRecord, GroundingRecord, RegionCaptionRecord, EntailmentRecord, TextToImageRecord]
+Record = CaptionRecord | VqaRecord | GroundingRecord | RegionCaptionRecord | EntailmentRecord | TextToImageRecord
 
 RECORD_TYPES: dict[str, type] = {
     "caption": CaptionRecord,
