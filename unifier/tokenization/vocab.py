@@ -63,7 +63,10 @@ def clip_box(box: Sequence[float], width: int, height: int) -> tuple[float, floa
         raise BoxError(f"a box needs 4 numbers (x0, y0, x1, y1), got {len(box)}: {box!r}")
     if width <= 0 or height <= 0:
         raise BoxError(f"image size must be positive, got {width} x {height}")
-    x0, y0, x1, y1 = (float(v) for v in box)
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except (TypeError, ValueError) as e:
+        raise BoxError(f"box coordinates must be numbers, got {box!r}") from e
     if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
         raise BoxError(f"box has a non-finite coordinate: {box!r}")
     if x1 <= x0 or y1 <= y0:
@@ -177,13 +180,17 @@ class UnifierVocab:
         """(x0, y0, x1, y1) in pixels -> 4 bin indices: bin = min(N-1, floor(v / size * N))."""
         x0, y0, x1, y1 = clip_box(box, width, height)
         n = self.num_bins
-        return [min(n - 1, int(math.floor(v / s * n))) for v, s in ((x0, width), (y0, height), (x1, width), (y1, height))]
+        return [
+            min(n - 1, int(math.floor(v / s * n))) for v, s in ((x0, width), (y0, height), (x1, width), (y1, height))
+        ]
 
     def bins_to_box(self, bins: Sequence[int], width: int, height: int) -> tuple[float, float, float, float]:
         """4 bin indices -> (x0, y0, x1, y1) in pixels at the bin centres (bin + 0.5) / N."""
         if len(bins) != 4:
             raise BoxError(f"a box is 4 bins, got {len(bins)}")
         n = self.num_bins
+        if not all(0 <= b < n for b in bins):
+            raise BoxError(f"bin indices must lie in [0, {n}), got {list(bins)}")
         x0, y0, x1, y1 = ((b + 0.5) / n for b in bins)
         return x0 * width, y0 * height, x1 * width, y1 * height
 
