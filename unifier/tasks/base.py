@@ -86,6 +86,8 @@ class Example:
     target_ids: list[int]  # decoder target ids ending in </s>
     record: Record | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # e.g. image width / height for box decoding
+    # Masks the training loss's logits to this constraint (OFA's constrained training); None: unconstrained.
+    train_constraint: Constraint | None = None
 
 
 class UnifierTask(ABC):
@@ -95,6 +97,8 @@ class UnifierTask(ABC):
     record_type: ClassVar[type]
     metric: ClassVar[str]  # name of the metric in unifier.metrics
     has_image_input: ClassVar[bool] = True
+    # Default of the `constrain_training` option: mask training logits to constraint() (closed-set tasks).
+    constrain_training: ClassVar[bool] = False
 
     def __init__(self, vocab: UnifierVocab, **options: Any):
         self.vocab = vocab
@@ -121,14 +125,24 @@ class UnifierTask(ABC):
 
     def example(self, record: Record) -> Example:
         """Serialize one record; the same call serves training and evaluation."""
+        constrain = self.options.get("constrain_training", self.constrain_training)
         return Example(
             task=self.name,
-            prompt_ids=self.encode_prompt(self.prompt(record)),
+            prompt_ids=self.prompt_ids(record),
             image=getattr(record, "image", None) if self.has_image_input else None,
             target_ids=self.target_ids(record),
             record=record,
             meta=self.meta(record),
+            train_constraint=self.constraint(record) if constrain else None,
         )
+
+    def prompt_ids(self, record: Record) -> list[int]:
+        """Encoder text ids <s> prompt </s>; tasks whose prompt holds non-text tokens (bins) override this."""
+        return self.encode_prompt(self.prompt(record))
+
+    def training_examples(self, record: Record) -> list[Example]:
+        """The examples one record gives for training (caption: one per reference caption); default one."""
+        return [self.example(record)]
 
     def meta(self, record: Record) -> dict[str, Any]:
         return {}

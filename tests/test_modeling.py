@@ -1,0 +1,247 @@
+"""The Unifier model: forward / loss, image masking, encode + generate, save / load, BART initialisation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSeq2SeqLM, BartConfig, BartModel
+
+from unifier.data.shapes import corpus
+from unifier.modeling import (
+    UnifierConfig,
+    UnifierForConditionalGeneration,
+    build_config,
+    build_model,
+    init_from_bart,
+    label_smoothed_loss,
+)
+from unifier.tokenization.text import train_text_model
+from unifier.tokenization.vocab import UnifierVocab
+
+TINY = dict(
+    d_model=32,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    max_position_embeddings=96,
+    image_size=32,
+    patch_size=8,
+    dropout=0.0,
+)
+
+
+@pytest.fixture(scope="module")
+def vocab(tmp_path_factory) -> UnifierVocab:
+    sp = train_text_model(corpus(0, 10), tmp_path_factory.mktemp("sp") / "t.model", vocab_size=600)
+    return UnifierVocab(sp, num_bins=50, num_codes=16)
+
+
+@pytest.fixture(scope="module")
+def model(vocab) -> UnifierForConditionalGeneration:
+    torch.manual_seed(0)
+    return build_model(TINY, vocab).eval()
+
+
+def make_inputs(vocab, batch=3, prompt=7, target=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(4, vocab.text_size, (batch, prompt), generator=g)
+    attention_mask = torch.ones(batch, prompt, dtype=torch.long)
+    attention_mask[1, prompt - 2 :] = 0
+    input_ids[1, prompt - 2 :] = vocab.pad_id
+    labels = torch.randint(4, vocab.size, (batch, target), generator=g)
+    labels[0, target - 2 :] = -100
+    return dict(
+        pixel_values=torch.rand(batch, 3, 32, 32, generator=g) * 2 - 1,
+        image_mask=torch.tensor([True, True, False][:batch]),
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        labels=labels,
+    )
+
+
+def test_config_carries_the_vocabulary_and_sizes(vocab, model):
+    config = model.config
+    assert (config.vocab_size, config.text_size, config.num_bins, config.num_codes) == (
+        vocab.size,
+        vocab.text_size,
+        50,
+        16,
+    )
+    assert (config.pad_token_id, config.bos_token_id, config.eos_token_id, config.decoder_start_token_id) == (
+        0,
+        1,
+        2,
+        1,
+    )
+    assert config.num_patches == 16 and config.model_type == "unifier"
+    assert model.lm_head.weight is model.model.shared.weight
+    assert model.config._attn_implementation == "sdpa"
+    tiny = build_config("tiny", vocab)
+    assert (tiny.d_model, tiny.encoder_layers, tiny.num_patches) == (256, 4, 64)
+    assert build_config("base", vocab).image_size == 384 and build_config("large", vocab).d_model == 1024
+    with pytest.raises(ValueError, match="unknown model size 'huge'.*base, large, tiny"):
+        build_config("huge", vocab)
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        UnifierConfig(image_size=30, patch_size=8)
+
+
+def test_forward_loss_is_label_smoothed_cross_entropy(vocab, model):
+    inputs = make_inputs(vocab)
+    out = model(**inputs)
+    assert out.logits.shape == (3, 5, vocab.size)
+    expected = F.cross_entropy(
+        out.logits.reshape(-1, vocab.size), inputs["labels"].reshape(-1), ignore_index=-100, label_smoothing=0.1
+    )
+    torch.testing.assert_close(out.loss, expected)
+    assert out.encoder_last_hidden_state.shape == (3, 16 + 7, 32)
+
+
+def test_constrained_loss_smooths_over_the_allowed_tokens_only(vocab, model):
+    inputs = make_inputs(vocab)
+    allowed = torch.zeros(1, 3, vocab.size, dtype=torch.bool)
+    labels = inputs["labels"]
+    allowed[0, torch.arange(3), labels[2, :3]] = True
+    allowed[0, :, 10:20] = True
+    out = model(**inputs, allowed_tokens=allowed, allowed_rows=torch.tensor([2]))
+    assert torch.isfinite(out.loss)
+    logits = out.logits
+    per_token = label_smoothed_loss(logits, labels, 0.1)
+    row = logits[2, :3].masked_fill(~allowed[0], float("-inf")).log_softmax(-1)
+    nll = -row[torch.arange(3), labels[2, :3]]
+    smooth = -row.masked_fill(~allowed[0], 0).sum(-1) / allowed[0].sum(-1)
+    per_token[2, :3] = 0.9 * nll + 0.1 * smooth
+    torch.testing.assert_close(out.loss, per_token.sum() / labels.ne(-100).sum())
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.zero_grad()
+
+
+def test_masked_image_and_padding_do_not_leak(vocab, model):
+    inputs = make_inputs(vocab)
+    changed = {k: v.clone() for k, v in inputs.items()}
+    changed["pixel_values"][2] = torch.rand(3, 32, 32)  # example 2 has image_mask False
+    changed["input_ids"][1, -2:] = 7  # example 1's padding
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, model(**changed).logits)
+        changed["pixel_values"][0] = torch.rand(3, 32, 32)  # a real image does matter
+        assert not torch.allclose(model(**inputs).logits[0], model(**changed).logits[0])
+    no_image = {**inputs, "pixel_values": None, "image_mask": None}
+    with torch.no_grad():
+        assert model(**no_image).encoder_last_hidden_state.shape[1] == 7
+
+
+def manual_greedy(model, encoder_outputs, full_mask, steps):
+    ids = torch.full((full_mask.shape[0], 1), model.config.decoder_start_token_id)
+    for _ in range(steps):
+        logits = model(encoder_outputs=encoder_outputs, attention_mask=full_mask, decoder_input_ids=ids).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def test_generate_greedy_and_beam_through_both_encoder_paths(vocab):
+    torch.manual_seed(1)
+    model = build_model({**TINY, "init_std": 0.5}, vocab).eval()  # a wide init: non-degenerate argmaxes
+    inputs = make_inputs(vocab)
+    prompt = {k: inputs[k] for k in ("pixel_values", "image_mask", "input_ids", "attention_mask")}
+    settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        encoder_outputs, full_mask = model.encode(**prompt)
+        assert full_mask.shape == (3, 16 + 7) and full_mask[2, :16].eq(0).all() and full_mask[0].eq(1).all()
+        expected = manual_greedy(model, encoder_outputs, full_mask, 6)
+        assert len(set(expected[:, 1:].flatten().tolist())) > 1
+        greedy = model.generate(
+            encoder_outputs=encoder_outputs, attention_mask=full_mask, decoder_start_token_id=1, **settings
+        )
+        assert torch.equal(greedy, expected)
+        assert torch.equal(model.generate(**prompt, **settings), expected)
+
+        beam_kwargs = model.generate(**prompt, num_beams=3, num_return_sequences=2, **settings)
+        encoder_outputs, full_mask = model.encode(**prompt)
+        beam_encoded = model.generate(
+            encoder_outputs=encoder_outputs, attention_mask=full_mask, num_beams=3, num_return_sequences=2, **settings
+        )
+        assert beam_kwargs.shape == (6, 7) and torch.equal(beam_kwargs, beam_encoded)
+
+
+def test_save_and_from_pretrained_give_identical_logits(vocab, model, tmp_path):
+    inputs = make_inputs(vocab)
+    model.save_pretrained(tmp_path / "model")
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert not list((tmp_path / "model").glob("*.bin"))
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["model_type"] == "unifier"
+    loaded = UnifierForConditionalGeneration.from_pretrained(tmp_path / "model").eval()
+    assert loaded.lm_head.weight is loaded.model.shared.weight
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+        auto = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "model").eval()
+        assert torch.equal(model(**inputs).logits, auto(**inputs).logits)
+
+
+def test_gradient_checkpointing_and_eager_attention_match(vocab, model):
+    inputs = make_inputs(vocab)
+    with torch.no_grad():
+        reference = model(**inputs).loss
+    config = UnifierConfig(**{**model.config.to_dict(), "attn_implementation": "eager"})
+    eager = UnifierForConditionalGeneration(config).eval()
+    eager.load_state_dict(model.state_dict())
+    assert eager.config._attn_implementation == "eager"
+    with torch.no_grad():
+        torch.testing.assert_close(eager(**inputs).loss, reference)
+    eager.train()
+    eager.activation_checkpointing_enable()  # transformers 5 name of gradient_checkpointing_enable
+    loss = eager(**inputs).loss
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), reference)
+    assert eager.model.encoder.image_embeddings.stem[0].weight.grad is not None
+
+
+def test_init_from_a_local_tiny_bart(vocab, tmp_path):
+    torch.manual_seed(2)
+    bart_config = BartConfig(
+        vocab_size=60,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+    )
+    bart = BartModel(bart_config)
+    bart.save_pretrained(tmp_path / "bart")
+    word = next(
+        p for p in map(vocab.sp.id_to_piece, range(4, vocab.text_size)) if p.startswith("\u2581") and len(p) > 3
+    )
+    _write_bart_tokenizer(tmp_path / "bart", word.replace("\u2581", "\u0120"))
+
+    model = build_model(TINY, vocab, pretrained_bart=tmp_path / "bart")
+    ours, theirs = model.model.state_dict(), bart.state_dict()
+    layer = "encoder.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(ours[layer], theirs[layer])
+    assert torch.equal(ours["decoder.layers.0.fc1.weight"], theirs["decoder.layers.0.fc1.weight"])
+    assert torch.equal(ours["encoder.embed_positions.weight"][:66], theirs["encoder.embed_positions.weight"])
+    shared, source = model.model.shared.weight, theirs["shared.weight"]
+    assert torch.equal(shared[vocab.eos_id], source[2]) and torch.equal(shared[vocab.pad_id], source[1])
+    assert torch.equal(shared[vocab.sp.piece_to_id(word)], source[10])  # mapped by spelling via BART's tokenizer
+    assert torch.equal(shared[vocab.unk_id], source[3])
+    assert model.lm_head.weight is model.model.shared.weight
+    assert not torch.equal(shared[vocab.bin_start], torch.zeros(32))
+    with pytest.raises(ValueError, match="d_model 32, the model 64"):
+        init_from_bart(build_model({**TINY, "d_model": 64}, vocab), tmp_path / "bart")
+
+
+def _write_bart_tokenizer(folder, word):
+    """A byte-level BPE tokenizer in BART's file layout whose piece 10 is `word`."""
+    from transformers import BartTokenizer
+
+    pieces = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4}
+    for i, piece in enumerate(["Ġ", "s", "h", "a", "p", word, "e"], start=5):
+        pieces[piece] = i
+    BartTokenizer(vocab=pieces, merges=[]).save_pretrained(folder)

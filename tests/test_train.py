@@ -1,0 +1,274 @@
+"""The training command: data streams, schedule, checkpoints / resume, and DeepSpeed ZeRO equivalence.
+
+The multi-process and DeepSpeed runs launch `train.py` (or torchrun) as subprocesses on a tiny model
+(d_model 32, 1 + 1 layers, 32 x 32 images) with a tiny tokenizer written by the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from unifier.data.shapes import corpus
+from unifier.tasks import build_task_from_config, load_mixture, prompt_texts
+from unifier.tokenization import UnifierTokenizer
+from unifier.tokenization.image_tokenizer import ImageTokenizer
+from unifier.tokenization.text import train_text_model
+from unifier.tokenization.vocab import UnifierVocab
+from unifier.train import (
+    MixtureSampler,
+    TaskStream,
+    TrainConfig,
+    build_parser,
+    list_checkpoints,
+    load_config,
+    lr_factor,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+MIXTURE = REPO / "tasks" / "shapes" / "mixture.yaml"
+TINY_MODEL = """\
+d_model: 32
+encoder_layers: 1
+decoder_layers: 1
+encoder_attention_heads: 2
+decoder_attention_heads: 2
+encoder_ffn_dim: 64
+decoder_ffn_dim: 64
+max_position_embeddings: 160
+image_size: 32
+patch_size: 8
+dropout: 0.0
+"""
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A tiny tokenizer folder (400 text pieces, 64 bins, a 16 x 16 -> 4 x 4 VQ-GAN of 32 codes) and model size."""
+    root = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    sp = train_text_model([*corpus(0, 30), *prompt_texts()], root / "text.model", vocab_size=400)
+    ddconfig = dict(
+        ch=32,
+        out_ch=3,
+        ch_mult=[1, 1, 1],
+        num_res_blocks=1,
+        attn_resolutions=[],
+        in_channels=3,
+        resolution=16,
+        z_channels=4,
+    )
+    image_tokenizer = ImageTokenizer(ddconfig, n_embed=32, embed_dim=4).eval()
+    UnifierTokenizer(UnifierVocab(sp, num_bins=64, num_codes=32), image_tokenizer).save(root / "tokenizer")
+    (root / "tiny.yaml").write_text(TINY_MODEL)
+    return root
+
+
+def run_args(workdir: Path, out: Path, steps: int, **flags) -> list[str]:
+    args = {
+        "tokenizer": workdir / "tokenizer",
+        "model": workdir / "tiny.yaml",
+        "output-dir": out,
+        "steps": steps,
+        "batch-size": 8,
+        "lr": 3e-3,
+        "warmup-steps": 2,
+        "log-every": 1,
+        "eval-every": 0,
+        "val-records": 4,
+        "checkpoint-every": 0,
+        **flags,
+    }
+    out_args = []
+    for key, value in args.items():
+        if value is True:
+            out_args.append(f"--{key}")
+        else:
+            out_args += [f"--{key}", str(value)]
+    return [*out_args, "--no-progress", "--no-tensorboard"]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    entries = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return {e["step"]: e["loss"] for e in entries if "loss" in e}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_subprocess(cmd: list[str], timeout: int = 400) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+
+
+# ---- pieces -------------------------------------------------------------------------------------------------------
+def test_config_file_and_flags(tmp_path):
+    parser = build_parser()
+    args = vars(parser.parse_args(["--steps", "7", "--no-bf16", "--zero", "3", "--lr", "0.01", "--local_rank=1"]))
+    assert (args["steps"], args["bf16"], args["zero"], args["lr"], args["batch_size"]) == (7, False, 3, 0.01, None)
+    config = load_config(REPO / "configs/train/shapes.yaml", {"steps": 7, "batch_size": None})
+    assert (config.steps, config.model, config.zero, config.batch_size) == (7, "tiny", 2, 32)
+    (tmp_path / "bad.yaml").write_text("stpes: 3\n")
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['stpes'\]"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ValueError, match="zero must be 0, 1, 2 or 3"):
+        TrainConfig(zero=4)
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    config = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    factors = [lr_factor(s, config) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
+    assert lr_factor(100, config) == pytest.approx(0.1)
+    linear = TrainConfig(steps=100, warmup_steps=10, decay="linear", min_lr_ratio=0.0)
+    assert lr_factor(55, linear) == pytest.approx(0.5)
+
+
+def test_streams_resume_exactly_and_ranks_see_different_scenes(workdir):
+    from unifier.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(workdir / "tokenizer")
+    mixture = load_mixture(MIXTURE)
+    config, _ = next(entry for entry in mixture if entry[0].kind == "grounding")
+    task = build_task_from_config(config, tokenizer)
+    stream = TaskStream(config, task, seed=0, rank=0, world_size=2)
+    for _ in range(5):
+        stream.next_example()
+    state = stream.state_dict()
+    expected = [stream.next_example().target_ids for _ in range(6)]
+    resumed = TaskStream(config, task, seed=0, rank=0, world_size=2)
+    resumed.load_state_dict(state)
+    assert [resumed.next_example().target_ids for _ in range(6)] == expected
+    other = TaskStream(config, task, seed=0, rank=1, world_size=2)
+    assert {r.image_id for r in (other.next_example().record for _ in range(8))}.isdisjoint(
+        {r.image_id for r in (TaskStream(config, task, 0, 0, 2).next_example().record for _ in range(8))}
+    )
+
+
+def test_finite_sources_cycle_in_per_epoch_orders(workdir, monkeypatch):
+    import unifier.tasks as tasks_module
+    from unifier.data.shapes import ShapesWorld
+    from unifier.tokenization import load_tokenizer
+
+    records = [r for i in range(4) for r in ShapesWorld("train", 0, 32).records("region_caption", i)]
+    records = records[: len(records) // 2 * 2]
+    config, _ = next(entry for entry in load_mixture(MIXTURE) if entry[0].kind == "region_caption")
+    config.data = {"source": "refcoco", "splits": {"train": {}}}
+    monkeypatch.setattr(tasks_module, "open_records", lambda cfg, split: records)
+    task = build_task_from_config(config, load_tokenizer(workdir / "tokenizer"))
+    ranks = [TaskStream(config, task, seed=0, rank=r, world_size=2) for r in range(2)]
+    half = len(records) // 2
+    seen = [[s.next_example().record for _ in range(half)] for s in ranks]
+    assert sorted(map(id, seen[0] + seen[1])) == sorted(map(id, records))  # one epoch: every record once
+    next_epoch = [ranks[0].next_example().record for _ in range(half)]
+    assert {id(r) for r in next_epoch} <= {id(r) for r in records} and ranks[0].state["epoch"] == 1
+
+
+def test_mixture_batches_follow_the_weights(workdir):
+    from unifier.batching import Collator
+    from unifier.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(workdir / "tokenizer")
+    mixture = load_mixture(MIXTURE)
+    tasks = [build_task_from_config(c, tokenizer) for c, _ in mixture]
+    streams = [TaskStream(c, t, 0, 0, 1) for (c, _), t in zip(mixture, tasks, strict=True)]
+    sampler = MixtureSampler(streams, [w for _, w in mixture], lambda examples: examples, seed=0, rank=0)
+    counts = {}
+    for step in range(40):
+        for example in sampler.batch(step, 0, 16):
+            counts[example.task] = counts.get(example.task, 0) + 1
+    weights = {c.kind: w / sum(w for _, w in mixture) for c, w in mixture}
+    for kind, share in weights.items():
+        assert abs(counts[kind] / 640 - share) < 0.06, (kind, counts)
+    first = [e.task for e in MixtureSampler(streams, [1] * 6, lambda e: e, 0, 0).batch(3, 0, 8)]
+    again = [e.task for e in MixtureSampler(streams, [1] * 6, lambda e: e, 0, 0).batch(3, 0, 8)]
+    assert first == again
+    Collator(tokenizer, 32, [t.name for t in tasks])(sampler.batch(99, 0, 8))
+
+
+# ---- runs ---------------------------------------------------------------------------------------------------------
+def test_plain_loop_run_writes_logs_checkpoints_and_a_loadable_model(workdir, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    from unifier.modeling import load_pretrained
+    from unifier.train import main
+
+    out = tmp_path / "run"
+    args = run_args(workdir, out, 6, zero=0, **{"checkpoint-every": 2, "keep-last": 2, "eval-every": 3})
+    try:
+        assert main(args) == 0
+    finally:
+        AcceleratorState._reset_state(True)
+    entries = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train_entries = [e for e in entries if "loss" in e]
+    assert [e["step"] for e in train_entries] == [1, 2, 3, 4, 5, 6]
+    assert all(e["samples_per_s"] > 0 and e["task_loss"] and e["grad_norm"] > 0 for e in train_entries)
+    val = [e for e in entries if "val_loss" in e]
+    assert [e["step"] for e in val] == [3, 6] and set(val[0]["val_loss"]) == {c.name for c, _ in load_mixture(MIXTURE)}
+    assert [p.name for p in list_checkpoints(out)] == ["step-4", "step-6"]  # keep_last 2
+    assert not list((out / "checkpoints").glob(".*"))  # no half-written checkpoint left
+    assert (out / "checkpoints/step-6/data-rank0.json").is_file()
+    model, tokenizer = load_pretrained(out / "model")
+    again, _ = load_pretrained(out / "checkpoints/step-6/model")
+    assert len(tokenizer.vocab) == model.config.vocab_size
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+
+
+@pytest.mark.slow
+def test_zero_stages_match_the_plain_loop_in_fp32(workdir, tmp_path):
+    """Single process: the plain torch loop and DeepSpeed ZeRO-1, -2, -3 give the same losses (dropout off, fp32)."""
+    runs = {}
+    for stage in (0, 1, 2, 3):
+        out = tmp_path / f"zero{stage}"
+        run_subprocess([sys.executable, "train.py", *run_args(workdir, out, 3, zero=stage, **{"val-records": 0})])
+        runs[stage] = losses(out)
+    assert list(runs[0]) == [1, 2, 3]
+    for stage in (1, 2, 3):
+        for step, loss in runs[0].items():
+            assert runs[stage][step] == pytest.approx(loss, rel=1e-4, abs=1e-5), (stage, runs)
+
+
+@pytest.mark.slow
+def test_two_process_zero2_run_learns_checkpoints_and_resumes_exactly(workdir, tmp_path):
+    def torchrun() -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+        ]
+
+    full = tmp_path / "full"
+    run_subprocess([*torchrun(), "train.py", *run_args(workdir, full, 8, zero=2, **{"checkpoint-every": 4})])
+    uninterrupted = losses(full)
+    assert list(uninterrupted) == list(range(1, 9))
+    assert sum(list(uninterrupted.values())[-2:]) / 2 < uninterrupted[1] - 0.3  # the loss falls
+    checkpoint = full / "checkpoints" / "step-4"
+    assert (checkpoint / "model" / "model.safetensors").is_file()
+    assert {p.name for p in checkpoint.glob("data-rank*.json")} == {"data-rank0.json", "data-rank1.json"}
+
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints", resumed_dir / "checkpoints")
+    shutil.rmtree(resumed_dir / "checkpoints" / "step-8")
+    run_subprocess([*torchrun(), "train.py", *run_args(workdir, resumed_dir, 8, zero=2, resume="latest")])
+    resumed = losses(resumed_dir)
+    assert list(resumed) == [5, 6, 7, 8]
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(uninterrupted[step], rel=1e-5), (resumed, uninterrupted)

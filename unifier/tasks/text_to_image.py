@@ -1,0 +1,79 @@
+"""Text-to-image: ` what is the complete image? caption: {caption}` -> the image's G VQ-GAN codes (OFA's prompt)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from unifier.data.records import TextToImageRecord
+from unifier.tasks.base import ExactCodes, ImageOutput, UnifierTask
+from unifier.tokenization.vocab import VocabError
+
+
+class TextToImageTask(UnifierTask):
+    """No image input; target: `record.codes`, or the image tokenizer's codes of `record.image`, then </s>.
+
+    Options: `image_tokenizer` (an ImageTokenizer: encodes targets from pixels and decodes generated codes
+    to a PIL image), `num_codes` (G when there is no image tokenizer: the length of the code grid).
+    """
+
+    name = "text_to_image"
+    record_type = TextToImageRecord
+    metric = "scene_accuracy"
+    has_image_input = False
+    PROMPT = " what is the complete image? caption:"
+
+    def __init__(self, vocab, image_tokenizer=None, **options: Any):
+        super().__init__(vocab, **options)
+        self.image_tokenizer = image_tokenizer
+        if image_tokenizer is not None:
+            self.num_codes = int(image_tokenizer.num_codes_per_image)
+        elif options.get("num_codes"):
+            self.num_codes = int(options["num_codes"])
+        else:
+            self.num_codes = None
+
+    def prompt(self, record: TextToImageRecord) -> str:
+        return f"{self.PROMPT} {record.caption}"
+
+    def codes(self, record: TextToImageRecord) -> list[int]:
+        """The record's codes: given, or encoded from its image (under no_grad, by the image tokenizer)."""
+        if record.codes is not None:
+            codes = list(record.codes)
+        elif record.image is None:
+            raise ValueError(f"text-to-image record {record.uid!r} has neither codes nor an image")
+        elif self.image_tokenizer is None:
+            raise ValueError(
+                f"text-to-image record {record.uid!r} has an image but no codes, and the task has no image tokenizer"
+            )
+        else:
+            from unifier.images import load_image
+
+            codes = self.image_tokenizer.encode_images([load_image(record.image)])[0]
+        if self.num_codes is not None and len(codes) != self.num_codes:
+            raise ValueError(
+                f"text-to-image record {record.uid!r} has {len(codes)} codes, the task expects {self.num_codes}"
+            )
+        return codes
+
+    def target_ids(self, record: TextToImageRecord) -> list[int]:
+        return [*self.vocab.code_ids(self.codes(record)), self.vocab.eos_id]
+
+    def constraint(self, record: TextToImageRecord | None = None) -> ExactCodes:
+        count = self.num_codes
+        if count is None and record is not None and record.codes is not None:
+            count = len(record.codes)
+        if count is None:
+            raise ValueError(
+                "text_to_image: the code count G is unknown: give the task an image tokenizer or num_codes"
+            )
+        return ExactCodes(count)
+
+    def decode(self, ids: list[int], meta: dict[str, Any]) -> ImageOutput:
+        code_ids = [int(i) for i in ids if self.vocab.is_code(int(i))]
+        if self.num_codes is not None and len(code_ids) != self.num_codes:
+            raise VocabError(f"text-to-image output has {len(code_ids)} image codes, the grid needs {self.num_codes}")
+        codes = tuple(self.vocab.codes_of(code_ids))
+        image = None
+        if self.image_tokenizer is not None:
+            image = self.image_tokenizer.decode_codes([codes])[0]
+        return ImageOutput(codes=codes, image=image)

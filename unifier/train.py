@@ -1,0 +1,659 @@
+"""python train.py [--config configs/train/shapes.yaml] [--steps N] [--zero {0,1,2,3}] [--resume latest] ...
+
+Trains the generalist model on a mixture of tasks, with Accelerate driving DeepSpeed ZeRO (stage 1, 2 or 3 from
+configs/zero{1,2,3}.json; --zero 0 is a plain torch loop). The same script runs under a launcher:
+
+    torchrun --nproc_per_node 2 train.py --steps 100
+    accelerate launch --config_file configs/accelerate/zero2_cpu.yaml train.py
+    deepspeed --num_gpus 8 train.py --model base --batch-size 32
+
+Top to bottom: configuration, data (one resumable stream per task, mixed by weight into every batch),
+the optimizer and schedule, checkpoints, validation, and the loop in `train(config)`.
+Writes runs/<name>/: log.jsonl, checkpoints/step-N/{model/, state/, data-rank*.json}, model/ (the final model:
+config.json + model.safetensors + tokenizer/, loadable by `unifier.modeling.load_pretrained`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "train" / "shapes.yaml"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration
+@dataclass
+class TrainConfig:
+    """Every knob of a run; configs/train/*.yaml set them, command-line flags override the file."""
+
+    output_dir: str = "runs/shapes-tiny"
+    tokenizer: str = "runs/tokenizer-shapes"  # tokenizer folder
+    tokenizer_recipe: str | None = "tokenizers/shapes.yaml"  # builds `tokenizer` when the folder is missing
+    mixture: str = "tasks/shapes/mixture.yaml"
+    model: str = "tiny"  # a size of configs/model/ or a YAML path
+    pretrained_bart: str | None = None  # initialise the transformer from this BART (folder or hub name)
+    dropout: float | None = None  # overrides the model size's dropout
+    gradient_checkpointing: bool = False
+    steps: int = 2000  # optimizer updates
+    batch_size: int = 32  # examples per micro-batch per process
+    grad_accum: int = 1  # micro-batches per update
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
+    warmup_steps: int = 100
+    decay: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    bf16: bool = False  # bf16 autocast (measured: see bench/train_throughput.py)
+    zero: int = 2  # DeepSpeed ZeRO stage; 0 = plain torch loop (DDP under a launcher)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200  # per-task validation loss every N steps (0: only at the end)
+    val_records: int = 32  # validation records per task (the first ones of its val split)
+    val_batch_size: int = 64
+    checkpoint_every: int = 500  # 0: no intermediate checkpoints
+    keep_last: int = 2  # checkpoints kept
+    resume: str | None = None  # a checkpoint folder, or "latest"
+    progress: bool = True  # tqdm progress bar on the main process
+    tensorboard: bool = True  # also log to TensorBoard when it is installed
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes stored with the run
+
+    def __post_init__(self):
+        problems = []
+        if self.zero not in (0, 1, 2, 3):
+            problems.append(f"zero must be 0, 1, 2 or 3, got {self.zero}")
+        if self.decay not in ("cosine", "linear", "constant"):
+            problems.append(f"decay must be cosine, linear or constant, got {self.decay!r}")
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "val_batch_size", "keep_last"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if problems:
+            raise ValueError("train config: " + "; ".join(problems))
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A TrainConfig from a YAML file (unknown keys are an error) and then `overrides`."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"train config not found: {path}")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of TrainConfig fields")
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown field(s) {unknown}; known: {sorted(known)}")
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return TrainConfig(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per TrainConfig field (--batch-size, --bf16 / --no-bf16, ...), all defaulting to "not given"."""
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="Train the Unifier generalist model on a task mixture."
+    )
+    parser.add_argument("--config", help=f"a TrainConfig YAML (default: {DEFAULT_CONFIG.relative_to(REPO)})")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        if kind.startswith("bool"):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif kind.startswith("int"):
+            parser.add_argument(flag, dest=f.name, type=int, default=None)
+        elif kind.startswith("float"):
+            parser.add_argument(flag, dest=f.name, type=float, default=None)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None)
+    # The `deepspeed` launcher appends --local_rank=N; the rank is read from the environment instead.
+    parser.add_argument(
+        "--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS
+    )
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Process setup
+def set_single_process_defaults() -> None:
+    """Without a launcher, look like rank 0 of 1 so that DeepSpeed (which always initialises torch.distributed)
+    works from a plain `python train.py`."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def set_build_cache_default() -> None:
+    """DeepSpeed JIT-builds its CPU ops with g++ (about 20 s); keep them in one project-local cache so that runs and
+    tests reuse them."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
+    """configs/zero{stage}.json with its "auto" batch, clipping and precision fields filled from the run's config."""
+    path = REPO / "configs" / f"zero{config.zero}.json"
+    ds = json.loads(path.read_text())
+    ds["train_micro_batch_size_per_gpu"] = config.batch_size
+    ds["gradient_accumulation_steps"] = config.grad_accum
+    ds["train_batch_size"] = config.batch_size * config.grad_accum * world_size
+    ds["gradient_clipping"] = config.max_grad_norm
+    ds["bf16"] = {"enabled": bool(config.bf16)}
+    return ds
+
+
+def make_accelerator(config: TrainConfig):
+    """Accelerate with DeepSpeed ZeRO (config.zero > 0) or plain; gloo on CPU, NCCL on GPU."""
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.utils import InitProcessGroupKwargs
+
+    set_build_cache_default()
+    if config.zero > 0:
+        set_single_process_defaults()
+    # train.py's own flags (--zero, --bf16, --grad-accum, --max-grad-norm) define the DeepSpeed setup; the copies
+    # `accelerate launch` exports from its config file would clash with them in DeepSpeedPlugin's checks.
+    for name in [n for n in os.environ if n.startswith("ACCELERATE_DEEPSPEED_")] + [
+        "ACCELERATE_USE_DEEPSPEED",
+        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+        "ACCELERATE_GRADIENT_CLIPPING",
+        "ACCELERATE_MIXED_PRECISION",
+    ]:
+        os.environ.pop(name, None)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    plugin = None
+    if config.zero > 0:
+        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(config, world_size))
+    # Accelerate defaults to NCCL-only process groups; CPU processes need gloo. A lone plain process needs none.
+    handlers = []
+    if plugin is not None or world_size > 1:
+        handlers.append(InitProcessGroupKwargs(backend="nccl" if torch.cuda.is_available() else "gloo"))
+    return Accelerator(
+        mixed_precision="bf16" if config.bf16 else "no",
+        gradient_accumulation_steps=config.grad_accum,
+        deepspeed_plugin=plugin,
+        kwargs_handlers=handlers,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data: one deterministic, resumable stream of training examples per task
+class TaskStream:
+    """The training examples of one task for one process.
+
+    The shapes world streams scenes rank, rank + W, rank + 2W, ... (W processes); a finite record set is walked
+    in a permutation drawn per epoch from the seed, each process taking every W-th record. The state (scene or
+    epoch, position) is a few integers, saved with each checkpoint. A record that fails to serialize is skipped
+    and counted, not fatal.
+    """
+
+    MAX_CONSECUTIVE_SKIPS = 1000
+
+    def __init__(self, task_config, task, seed: int, rank: int, world_size: int):
+        from unifier.tasks import open_records, shapes_world
+
+        self.name, self.task = task_config.name, task
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.world = shapes_world(task_config, "train") if task_config.data["source"] == "shapes" else None
+        self.records = None if self.world is not None else open_records(task_config, "train")
+        if self.records is not None and not isinstance(self.records, Sequence):
+            raise TypeError(f"task {self.name}: its train records must be a sequence (a RecordSet)")
+        if self.records is not None and len(self.records) < world_size:
+            raise ValueError(f"task {self.name}: {len(self.records)} train records cannot feed {world_size} processes")
+        self.state = {"epoch": 0, "index": 0, "offset": 0, "served": 0, "skipped": 0}
+        self._cache: tuple[tuple[int, int], list] | None = None  # (epoch, index) -> records of one scene
+
+    def _records_at(self, epoch: int, index: int) -> list:
+        if self._cache is None or self._cache[0] != (epoch, index):
+            if self.world is not None:
+                records = self.world.records(self.task.name, self.rank + index * self.world_size)
+            else:
+                order = np.random.default_rng([self.seed, epoch, _stable_hash(self.name)]).permutation(
+                    len(self.records)
+                )
+                records = [self.records[int(order[self.rank + index * self.world_size])]]
+            self._cache = ((epoch, index), records)
+        return self._cache[1]
+
+    def _advance(self) -> None:
+        s = self.state
+        s["offset"] = 0
+        s["index"] += 1
+        if self.records is not None and self.rank + s["index"] * self.world_size >= len(self.records):
+            s["epoch"], s["index"] = s["epoch"] + 1, 0
+
+    def next_example(self):
+        s, skips = self.state, 0
+        while True:
+            records = self._records_at(s["epoch"], s["index"])
+            if s["offset"] >= len(records):
+                self._advance()
+                continue
+            record = records[s["offset"]]
+            s["offset"] += 1
+            try:
+                examples = self.task.training_examples(record)
+            except (ValueError, OSError) as e:
+                s["skipped"] += 1
+                skips += 1
+                if skips >= self.MAX_CONSECUTIVE_SKIPS:
+                    raise RuntimeError(f"task {self.name}: {skips} records in a row failed; the last: {e}") from e
+                continue
+            # A record with several targets (a caption's references) gives one, chosen by the stream position.
+            choice = np.random.default_rng([self.seed, self.rank, s["served"], _stable_hash(self.name)])
+            s["served"] += 1
+            return examples[int(choice.integers(len(examples)))]
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.state = {k: int(state[k]) for k in self.state}
+        self._cache = None
+
+
+def _stable_hash(text: str) -> int:
+    """A process-independent hash (Python's hash() is salted per process)."""
+    return int.from_bytes(text.encode()[:8].ljust(8, b"\0"), "little") ^ len(text)
+
+
+class MixtureSampler:
+    """Batches whose examples' tasks are drawn by the mixture weights from a generator keyed by
+    (seed, rank, step, micro-batch): the same on every run, so resuming needs only the streams' positions."""
+
+    def __init__(self, streams: list[TaskStream], weights: list[float], collate, seed: int, rank: int):
+        self.streams, self.collate, self.seed, self.rank = streams, collate, seed, rank
+        total = float(sum(weights))
+        self.probabilities = np.array([w / total for w in weights])
+
+    def batch(self, step: int, micro: int, batch_size: int):
+        rng = np.random.default_rng([self.seed, self.rank, step, micro])
+        choices = rng.choice(len(self.streams), size=batch_size, p=self.probabilities)
+        return self.collate([self.streams[int(c)].next_example() for c in choices])
+
+    def state_dict(self) -> dict[str, dict[str, int]]:
+        return {s.name: s.state_dict() for s in self.streams}
+
+    def load_state_dict(self, state: dict[str, dict[str, int]]) -> None:
+        for s in self.streams:
+            if s.name not in state:
+                raise ValueError(f"the checkpoint has no data position for task {s.name!r} (it has {sorted(state)})")
+            s.load_state_dict(state[s.name])
+
+
+def validation_batches(mixture, tasks, collate, count: int, batch_size: int) -> dict[str, list]:
+    """task name -> fixed batches of the first `count` records of its val split (none when it has no val split)."""
+    from itertools import islice
+
+    from unifier.tasks import open_records
+
+    batches = {}
+    for (task_config, _), task in zip(mixture, tasks, strict=True):
+        if count <= 0 or "val" not in (task_config.data.get("splits") or {}):
+            continue
+        examples = [task.example(r) for r in islice(open_records(task_config, "val"), count)]
+        batches[task_config.name] = [collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and embeddings (the usual transformer recipe)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim < 2 or "embed" in name or "norm" in name
+        (no_decay if skip else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps, foreach=False
+    )
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to 1, then cosine or linear decay to min_lr_ratio at the last step."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if config.decay == "cosine" else 1.0 - progress
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * shape
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+def save_model_folder(accelerator, model, tokenizer_folder: Path, out: Path) -> None:
+    """Write a self-contained model folder (config.json, model.safetensors, tokenizer/) via a temporary name.
+
+    Every process must call this: under ZeRO-3 gathering the weights is collective."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        tmp = out.parent / f".{out.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+        shutil.copytree(tokenizer_folder, tmp / "tokenizer")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    accelerator.wait_for_everyone()
+
+
+def save_checkpoint(accelerator, model, tokenizer_folder: Path, run_dir: Path, step: int, sampler, keep: int) -> Path:
+    """checkpoints/step-N/: model/ (from_pretrained), state/ (optimizer, scheduler, RNG: accelerate's save_state)
+    and data-rank*.json (stream positions); built under .step-N.tmp and renamed when complete."""
+    root = run_dir / "checkpoints"
+    final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "state"))
+    position = {"step": step, "world_size": accelerator.num_processes, "streams": sampler.state_dict()}
+    (tmp / f"data-rank{accelerator.process_index}.json").write_text(json.dumps(position, indent=1))
+    save_model_folder(accelerator, model, tokenizer_folder, tmp / "model")
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path:
+    if resume == "latest":
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume latest: no checkpoint under {run_dir / 'checkpoints'}")
+        return found[-1]
+    path = Path(resume)
+    if not (path / "state").is_dir():
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no state/ inside)")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Logging and validation
+class RunLog:
+    """log.jsonl (one JSON object a line) on the main process, plus TensorBoard when installed and wanted."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = run_dir / "log.jsonl"
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # TensorBoard is optional
+                self.writer = None
+
+    def write(self, entry: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if self.writer is not None:
+            for key, value in _flatten(entry).items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, entry["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _flatten(entry: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in entry.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@torch.no_grad()
+def validate(model, batches: dict[str, list], device) -> dict[str, float]:
+    """Per-task teacher-forced loss (mean over target tokens) on the fixed validation batches."""
+    model.eval()
+    losses = {}
+    for name, task_batches in batches.items():
+        total, tokens = 0.0, 0
+        for batch in task_batches:
+            out = model(**batch.to(device).model_inputs())
+            total += float(out.token_loss.sum())
+            tokens += int(batch["labels"].ne(-100).sum())
+        losses[name] = total / max(1, tokens)
+    model.train()
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+def train_step(accelerator, model, optimizer, scheduler, batches: list, max_grad_norm: float):
+    """One optimizer update over `batches` (the micro-batches of gradient accumulation).
+
+    Returns ([(loss, token_loss (B, T)) detached, per micro-batch], the gradient norm before clipping). Under DeepSpeed the engine clips, steps and
+    counts accumulation itself (the optimizer / scheduler calls are no-ops there) and the norm is read from it.
+    """
+    engine = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    outputs, grad_norm = [], None
+    for batch in batches:
+        with accelerator.accumulate(model):
+            out = model(**batch.model_inputs())
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients and engine is None:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        outputs.append((out.loss.detach(), out.token_loss.detach()))  # not the logits: they would pile up
+    if engine is not None:
+        grad_norm = engine.get_global_grad_norm()
+    return outputs, grad_norm
+
+
+def prepare_tokenizer(
+    config: TrainConfig, is_main: bool, poll_seconds: float = 5.0, patience_hours: float = 6.0
+) -> Path:
+    """The tokenizer folder, built from the recipe first when missing, by the main process only.
+
+    The others poll for the finished folder (the build renames it into place when complete) rather than waiting in
+    a collective, whose timeout (30 minutes) a VQ-GAN build can outlast."""
+    folder = Path(config.tokenizer)
+    if folder.is_dir():
+        return folder
+    if not config.tokenizer_recipe:
+        raise FileNotFoundError(f"tokenizer folder {folder} not found and no tokenizer_recipe to build it from")
+    if is_main:
+        from unifier.tokenization.build import build_tokenizer
+
+        build_tokenizer(config.tokenizer_recipe, folder)
+        return folder
+    deadline = time.monotonic() + patience_hours * 3600
+    while not (folder / "vocab.json").is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {patience_hours} h for the main process to build {folder}")
+        time.sleep(poll_seconds)
+    return folder
+
+
+def train(config: TrainConfig) -> Path:
+    """Train as `config` says; returns the final model folder (runs/<name>/model)."""
+    from tqdm.auto import tqdm
+
+    from unifier.batching import Collator
+    from unifier.modeling import build_model
+    from unifier.tasks import build_task_from_config, load_mixture
+    from unifier.tokenization import load_tokenizer
+
+    accelerator = make_accelerator(config)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    run_dir = Path(config.output_dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    seed_everything(config.seed)
+
+    tokenizer_folder = prepare_tokenizer(config, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    tokenizer = load_tokenizer(tokenizer_folder)
+    mixture = load_mixture(config.mixture)
+    tasks = [build_task_from_config(task_config, tokenizer) for task_config, _ in mixture]
+    overrides = {"dropout": config.dropout} if config.dropout is not None else {}
+    model = build_model(config.model, tokenizer, pretrained_bart=config.pretrained_bart, **overrides)
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    task_names = list(dict.fromkeys(t.name for t in tasks))  # task kinds, for per-task losses
+    collate = Collator(tokenizer, model.config.image_size, task_names=task_names)
+    streams = [
+        TaskStream(task_config, task, config.seed, rank, world)
+        for (task_config, _), task in zip(mixture, tasks, strict=True)
+    ]
+    sampler = MixtureSampler(streams, [w for _, w in mixture], collate, config.seed, rank)
+    val_batches = validation_batches(mixture, tasks, collate, config.val_records, config.val_batch_size)
+
+    optimizer = build_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    start = 0
+    if config.resume:
+        checkpoint = resolve_resume(config.resume, run_dir)
+        position_file = checkpoint / f"data-rank{rank}.json"
+        if not position_file.is_file():
+            raise FileNotFoundError(f"{checkpoint} has no {position_file.name}: it was written by fewer processes")
+        position = json.loads(position_file.read_text())
+        if position["world_size"] != world:
+            raise ValueError(f"{checkpoint} was written by {position['world_size']} processes, this run has {world}")
+        accelerator.load_state(str(checkpoint / "state"))
+        sampler.load_state_dict(position["streams"])
+        start = position["step"]
+        accelerator.print(f"resumed from {checkpoint} at step {start}")
+
+    log = RunLog(run_dir, accelerator.is_main_process, config.tensorboard)
+    per_step = config.batch_size * config.grad_accum * world
+    bar = tqdm(
+        total=config.steps, initial=start, disable=not (config.progress and accelerator.is_main_process), unit="step"
+    )
+    window = {"loss": 0.0, "micro": 0, "tokens": 0, "time": time.perf_counter(), "steps": 0}
+    task_loss = torch.zeros(len(task_names), dtype=torch.float64)
+    task_tokens = torch.zeros(len(task_names), dtype=torch.float64)
+    model.train()
+    for step in range(start, config.steps):
+        batches = [sampler.batch(step, m, config.batch_size).to(accelerator.device) for m in range(config.grad_accum)]
+        outputs, grad_norm = train_step(accelerator, model, optimizer, scheduler, batches, config.max_grad_norm)
+        for batch, (loss, token_loss) in zip(batches, outputs, strict=True):
+            with torch.no_grad():
+                per_example = token_loss.float().sum(1).double().cpu()
+                tokens = batch["labels"].ne(-100).sum(1).double().cpu()
+                task_loss.index_add_(0, batch["task_ids"].cpu(), per_example)
+                task_tokens.index_add_(0, batch["task_ids"].cpu(), tokens)
+            window["loss"] += float(loss)
+            window["micro"] += 1
+            window["tokens"] += int(batch["attention_mask"].sum() + batch["labels"].ne(-100).sum())
+        window["steps"] += 1
+        done = step + 1
+
+        if done % config.log_every == 0 or done == config.steps:
+            stats = torch.tensor([window["loss"], window["micro"], window["tokens"]], dtype=torch.float64)
+            stats = accelerator.reduce(stats.to(accelerator.device), "sum").cpu()
+            per_task = accelerator.reduce(torch.stack([task_loss, task_tokens]).to(accelerator.device), "sum").cpu()
+            elapsed = time.perf_counter() - window["time"]
+            entry = {
+                "step": done,
+                "loss": float(stats[0] / stats[1]),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "samples_per_s": window["steps"] * per_step / elapsed,
+                "tokens_per_s": float(stats[2]) / elapsed,
+                "task_loss": {
+                    n: float(per_task[0, i] / per_task[1, i]) for i, n in enumerate(task_names) if per_task[1, i]
+                },
+            }
+            log.write(entry)
+            bar.set_postfix(loss=f"{entry['loss']:.3f}", samples_s=f"{entry['samples_per_s']:.1f}")
+            window = {"loss": 0.0, "micro": 0, "tokens": 0, "time": time.perf_counter(), "steps": 0}
+            task_loss.zero_()
+            task_tokens.zero_()
+        bar.update(1)
+
+        if val_batches and ((config.eval_every and done % config.eval_every == 0) or done == config.steps):
+            val = validate(model, val_batches, accelerator.device)
+            log.write({"step": done, "val_loss": val})
+            accelerator.print(f"step {done}: val loss " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
+            window["time"] = time.perf_counter()  # validation time is not training throughput
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+            save_checkpoint(accelerator, model, tokenizer_folder, run_dir, done, sampler, config.keep_last)
+            window["time"] = time.perf_counter()
+
+    bar.close()
+    if config.checkpoint_every:
+        save_checkpoint(accelerator, model, tokenizer_folder, run_dir, config.steps, sampler, config.keep_last)
+    final = run_dir / "model"
+    save_model_folder(accelerator, model, tokenizer_folder, final)
+    skipped = {s.name: s.state["skipped"] for s in streams if s.state["skipped"]}
+    if skipped or collate.unconstrained_targets:
+        accelerator.print(
+            f"skipped records: {skipped}; constrained targets outside their set: {collate.unconstrained_targets}"
+        )
+    log.close()
+    accelerator.end_training()
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+    args.pop("local_rank")
+    config_path = args.pop("config") or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    config = load_config(config_path, args)
+    final = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"model written to {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
