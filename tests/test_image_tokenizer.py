@@ -281,14 +281,16 @@ def test_training_runs_every_loss_and_resumes_exactly(tmp_path):
         train_vqgan(resumed, InterruptingShapes(32), tmp_path / "resumed", tiny_config(lr=5e-4), progress=False)
 
 
-def test_training_reduces_reconstruction_error(tmp_path):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_training_reduces_reconstruction_error(tmp_path, bf16):
     torch.manual_seed(0)
     tokenizer = ImageTokenizer(SHAPES_TINY, 64, 8, legacy=False)
     images = ShapesImages(32)
     x = images.batch(10_000, 16)
     before = (tokenizer(x)[0] - x).abs().mean().item()
-    config = tiny_config(steps=30, batch_size=8, autoencoder_warmup_steps=10, disc_start=-1, save_every=100)
+    config = tiny_config(steps=30, batch_size=8, autoencoder_warmup_steps=10, disc_start=20, save_every=100, bf16=bf16)
     train_vqgan(tokenizer, images, tmp_path / "run", config, progress=False)
+    assert tokenizer.quantize.embedding.weight.dtype == torch.float32
     after = (tokenizer.decode(tokenizer.encode(x)) - x).abs().mean().item()
     assert after < 0.6 * before
 

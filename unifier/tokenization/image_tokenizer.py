@@ -169,8 +169,10 @@ class ImageTokenizer(torch.nn.Module):
             reconstructions (B, 3, S, S) unclamped, codebook_loss (scalar: codebook + beta * commitment),
             codes (B, h, w) long, latents (B, embed_dim, h, w) before quantization.
         """
-        latents = self.encode_latents(images)
-        quantized, codebook_loss, (_, _, codes) = self.quantize(latents)
+        latents = self.encode_latents(images).float()
+        # Nearest-code search in fp32 even under autocast: bf16 distances would pick wrong codes.
+        with torch.autocast(latents.device.type, enabled=False):
+            quantized, codebook_loss, (_, _, codes) = self.quantize(latents)
         b, _, h, w = latents.shape
         return self.decode_latents(quantized), codebook_loss, codes.view(b, h, w), latents
 

