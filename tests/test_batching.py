@@ -59,6 +59,9 @@ def test_layout_padding_and_shift(vocab, examples):
             assert batch["image_mask"][i]
             assert torch.equal(batch["pixel_values"][i], image_to_tensor(load_image(example.image), 32))
     assert batch.model_inputs().keys() >= {"pixel_values", "labels", "allowed_tokens"}
+    text_only = Collator(vocab, 32)([e for e in examples if e.image is None])
+    assert text_only["pixel_values"] is None and text_only["image_mask"] is None
+    assert text_only.to("cpu")["pixel_values"] is None
     assert "task_ids" not in batch.model_inputs()
 
 

@@ -136,6 +136,29 @@ def test_masked_image_and_padding_do_not_leak(vocab, model):
         assert model(**no_image).encoder_last_hidden_state.shape[1] == 7
 
 
+def test_a_prompt_without_image_encodes_the_same_in_a_text_only_batch(vocab):
+    """Example 2 has no image: beside images it has P masked patch positions in front; alone (pixel_values None)
+    they are left out, and its logits must not change (its tokens keep their positions P ..)."""
+    torch.manual_seed(3)
+    model = build_model({**TINY, "init_std": 0.2}, vocab).eval()
+    inputs = make_inputs(vocab)
+    alone = {k: v[2:] for k, v in inputs.items()}
+    alone.update(pixel_values=None, image_mask=None)
+    with torch.no_grad():
+        mixed = model(**inputs)
+        text_only = model(**alone)
+    num_patches = (32 // 8) ** 2
+    assert text_only.encoder_last_hidden_state.shape[1] == 7
+    torch.testing.assert_close(
+        text_only.encoder_last_hidden_state[0], mixed.encoder_last_hidden_state[2, num_patches:], atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(text_only.logits[0], mixed.logits[2], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="exceeds the encoder's 96 positions"):
+        model(
+            input_ids=torch.ones(1, 96 - num_patches + 1, dtype=torch.long), labels=torch.ones(1, 2, dtype=torch.long)
+        )
+
+
 def manual_greedy(model, encoder_outputs, full_mask, steps):
     ids = torch.full((full_mask.shape[0], 1), model.config.decoder_start_token_id)
     for _ in range(steps):

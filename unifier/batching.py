@@ -6,8 +6,9 @@
 
 A batch holds (B examples, prompts padded to L, targets padded to T, V the vocabulary size):
 
-    pixel_values      (B, 3, S, S) float in [-1, 1]; zeros where an example has no image
-    image_mask        (B,) bool: the example has an image
+    pixel_values      (B, 3, S, S) float in [-1, 1]; zeros where an example has no image; None when no example
+                      of the batch has one (the model then leaves the image positions out)
+    image_mask        (B,) bool: the example has an image (None with pixel_values None)
     input_ids         (B, L) long: <s> prompt </s>, right-padded with pad
     attention_mask    (B, L) long: 1 on prompt tokens
     decoder_input_ids (B, T) long: <s> + target[:-1], pad after
@@ -98,6 +99,8 @@ class Collator:
                 pixel_values[i] = image_to_tensor(load_image(example.image), self.image_size)
                 image_mask[i] = True
 
+        if not image_mask.any():
+            pixel_values = image_mask = None  # text-only batch (text-to-image): no image positions to encode
         batch = Batch(
             pixel_values=pixel_values,
             image_mask=image_mask,

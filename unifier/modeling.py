@@ -7,7 +7,9 @@ Transformers' one-file-per-model style. The encoder input is
 where a patch embedding is a small strided-convolution stem's feature + a learned row embedding + a learned
 column embedding + the "image" type embedding, and a token embedding is the shared word embedding + the
 "text" type embedding. BART's encoder then adds its own learned 1-D positions over the whole sequence.
-Examples without an image (text-to-image prompts) keep their P positions but have them masked out.
+Examples without an image (text-to-image prompts) keep their P positions but have them masked out; a batch in
+which no example has an image (pixel_values None) leaves the P positions out altogether, its prompt tokens keeping
+the positions P .. P + L they have beside an image, so a prompt encodes the same in either kind of batch.
 The decoder is BART's, predicting over the one vocabulary (text | bins | codes) with an lm_head tied to the
 shared embedding.
 
@@ -171,13 +173,25 @@ class UnifierEncoder(BartEncoder):
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
         if pixel_values is None:
-            return text, attention_mask
+            return text + self._text_position_shift(input_ids.shape[1]), attention_mask
         pixel_values = pixel_values.to(text.dtype)
         image = self.image_embeddings(pixel_values) + self.type_embeddings.weight[IMAGE_TYPE]  # (B, P, d)
         if image_mask is None:
             image_mask = torch.ones(image.shape[0], dtype=torch.bool, device=image.device)
         image_attention = image_mask.to(attention_mask.dtype)[:, None].expand(-1, image.shape[1])  # (B, P)
         return torch.cat([image, text], dim=1), torch.cat([image_attention, attention_mask], dim=1)
+
+    def _text_position_shift(self, length: int) -> torch.Tensor:
+        """(L, d) = position[P + i] - position[i]: BART adds position[i] to the i-th input, so a prompt sent without
+        the P patch positions in front of it still gets the positions P + i it has after an image."""
+        num_patches = self.image_embeddings.grid_size**2
+        if num_patches + length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"a prompt of {length} tokens after {num_patches} image patches exceeds the encoder's "
+                f"{self.config.max_position_embeddings} positions"
+            )
+        weight, offset = self.embed_positions.weight, self.embed_positions.offset
+        return weight[offset + num_patches : offset + num_patches + length] - weight[offset : offset + length]
 
     def forward(
         self,
