@@ -93,7 +93,7 @@ def worker(spec: dict) -> None:
     mixture = load_mixture(REPO / "tasks/shapes/mixture.yaml")
     tasks = [build_task_from_config(c, tokenizer) for c, _ in mixture]
     model = build_model(spec["size"], tokenizer, dropout=0.0)
-    collate = Collator(tokenizer, model.config.image_size, [t.name for t in tasks])
+    collate = Collator(tokenizer, model.config.image_size, [t.name for t in tasks], drop_text_only_images=False)
     streams = [TaskStream(c, t, 0, rank, world) for (c, _), t in zip(mixture, tasks, strict=True)]
     sampler = MixtureSampler(streams, [w for _, w in mixture], collate, 0, rank)
     steps = spec["warmup"] + spec["steps"]

@@ -31,6 +31,7 @@ from unifier.train import (
     list_checkpoints,
     load_config,
     lr_factor,
+    split_by_length,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,12 +86,15 @@ def run_args(workdir: Path, out: Path, steps: int, **flags) -> list[str]:
         "eval-every": 0,
         "val-records": 4,
         "checkpoint-every": 0,
+        "final-eval": False,
         **flags,
     }
     out_args = []
     for key, value in args.items():
         if value is True:
             out_args.append(f"--{key}")
+        elif value is False:
+            out_args.append(f"--no-{key}")
         else:
             out_args += [f"--{key}", str(value)]
     return [*out_args, "--no-progress", "--no-tensorboard"]
@@ -199,6 +203,51 @@ def test_mixture_batches_follow_the_weights(workdir):
     Collator(tokenizer, 32, [t.name for t in tasks])(sampler.batch(99, 0, 8))
 
 
+def test_length_groups_cut_batches_and_keep_the_batch_loss(workdir):
+    """A batch cut into length groups pads less, and the token-weighted sum of the groups' losses is the loss of
+    the whole batch (what train_step minimises)."""
+    from unifier.batching import Collator
+    from unifier.modeling import build_model
+    from unifier.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(workdir / "tokenizer")
+    mixture = load_mixture(MIXTURE)
+    tasks = [build_task_from_config(c, tokenizer) for c, _ in mixture]
+    streams = [TaskStream(c, t, 0, 0, 1) for (c, _), t in zip(mixture, tasks, strict=True)]
+    sampler = MixtureSampler(streams, [1] * len(streams), lambda examples: examples, 0, 0, image_positions=16)
+    examples = sampler.examples(0, 0, 24)
+    groups = split_by_length(examples, 2, image_positions=16)
+    assert len(groups) == 2 and sorted(map(id, groups[0] + groups[1])) == sorted(map(id, examples))
+    # Where image positions dominate the cost, the image-less examples (text-to-image prompts) go together.
+    by_images = split_by_length(examples, 2, image_positions=1000)
+    assert {e.task for e in by_images[1]} == {"text_to_image"} and "text_to_image" not in {e.task for e in by_images[0]}
+    assert split_by_length(examples, 1) == [
+        sorted(examples, key=lambda e: (e.image is None, len(e.target_ids), len(e.prompt_ids)))
+    ]
+    with pytest.raises(ValueError, match="cannot cut 2 examples into 3"):
+        split_by_length(examples[:2], 3)
+
+    collate = Collator(tokenizer, 32, [t.name for t in tasks])
+    whole = collate(examples)
+    assert sum(collate(g)["labels"].numel() for g in groups) < whole["labels"].numel()
+    assert collate(by_images[1])["pixel_values"] is None
+    assert (
+        Collator(tokenizer, 32, [t.name for t in tasks], drop_text_only_images=False)(by_images[1])["pixel_values"]
+        .eq(0)
+        .all()
+    )
+    torch.manual_seed(0)
+    model = build_model(workdir / "tiny.yaml", tokenizer).eval()
+    with torch.no_grad():
+        expected = model(**whole.model_inputs()).loss
+        for partition in (groups, by_images):
+            parts = [collate(g) for g in partition]
+            tokens = [int(p["labels"].ne(-100).sum()) for p in parts]
+            part_losses = [model(**p.model_inputs()).loss for p in parts]
+            combined = sum(loss * n for loss, n in zip(part_losses, tokens, strict=True)) / sum(tokens)
+            torch.testing.assert_close(combined, expected, rtol=1e-5, atol=1e-6)
+
+
 # ---- runs ---------------------------------------------------------------------------------------------------------
 def test_plain_loop_run_writes_logs_checkpoints_and_a_loadable_model(workdir, tmp_path):
     from accelerate.state import AcceleratorState
@@ -256,13 +305,28 @@ def test_two_process_zero2_run_learns_checkpoints_and_resumes_exactly(workdir, t
         ]
 
     full = tmp_path / "full"
-    run_subprocess([*torchrun(), "train.py", *run_args(workdir, full, 8, zero=2, **{"checkpoint-every": 4})])
+    # The whole main job: training, then every task evaluated (records sharded over the two processes), the
+    # gallery and the results table.
+    main_job = {"checkpoint-every": 4, "final-eval": True, "eval-limit": 6, "gallery-scenes": 1}
+    run_subprocess([*torchrun(), "train.py", *run_args(workdir, full, 8, zero=2, **main_job)])
     uninterrupted = losses(full)
     assert list(uninterrupted) == list(range(1, 9))
     assert sum(list(uninterrupted.values())[-2:]) / 2 < uninterrupted[1] - 0.3  # the loss falls
     checkpoint = full / "checkpoints" / "step-4"
     assert (checkpoint / "model" / "model.safetensors").is_file()
     assert {p.name for p in checkpoint.glob("data-rank*.json")} == {"data-rank0.json", "data-rank1.json"}
+
+    names = [c.name for c, _ in load_mixture(MIXTURE)]
+    metrics = json.loads((full / "eval" / "metrics.json").read_text())
+    assert set(metrics) == set(names)
+    for name in names:
+        summary = json.loads((full / "eval" / f"{name}_metrics.json").read_text())
+        assert summary["processes"] == 2 and summary["count"] == 6, summary
+        assert (full / "eval" / f"{name}_results.json").is_file()
+    report = (full / "results.md").read_text()
+    assert all(f"| {name} |" in report for name in names) and "2 process(es)" in report
+    assert (full / "gallery" / "index.html").is_file()
+    assert json.loads((full / "model" / "tasks.json").read_text())["vqa"]["answers"][:2] == ["yes", "no"]
 
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(full / "checkpoints", resumed_dir / "checkpoints")

@@ -7,7 +7,8 @@
 A batch holds (B examples, prompts padded to L, targets padded to T, V the vocabulary size):
 
     pixel_values      (B, 3, S, S) float in [-1, 1]; zeros where an example has no image; None when no example
-                      of the batch has one (the model then leaves the image positions out)
+                      of the batch has one and the collator drops text-only images (the model then leaves the
+                      image positions out)
     image_mask        (B,) bool: the example has an image (None with pixel_values None)
     input_ids         (B, L) long: <s> prompt </s>, right-padded with pad
     attention_mask    (B, L) long: 1 on prompt tokens
@@ -58,11 +59,21 @@ class Batch(dict):
 class Collator:
     """Pads and stacks task `Example`s into a `Batch` (the layout in the module docstring)."""
 
-    def __init__(self, tokenizer: Any, image_size: int, task_names: Sequence[str] | None = None):
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_size: int,
+        task_names: Sequence[str] | None = None,
+        drop_text_only_images: bool = True,
+    ):
+        """drop_text_only_images: a batch without any image gets pixel_values None (inference: less to encode).
+        Training keeps the zeros: under DeepSpeed every process must use the same parameters (the image stem
+        too) in every micro-batch, or their gradient reductions no longer match."""
         from unifier.tasks import TASKS
 
         self.vocab = getattr(tokenizer, "vocab", tokenizer)
         self.image_size = int(image_size)
+        self.drop_text_only_images = drop_text_only_images
         self.task_names = list(task_names) if task_names is not None else list(TASKS)
         self.task_index = {name: i for i, name in enumerate(self.task_names)}
         # AnswerSet -> {target prefix: allowed next ids}; built once per answer set.
@@ -99,7 +110,7 @@ class Collator:
                 pixel_values[i] = image_to_tensor(load_image(example.image), self.image_size)
                 image_mask[i] = True
 
-        if not image_mask.any():
+        if self.drop_text_only_images and not image_mask.any():
             pixel_values = image_mask = None  # text-only batch (text-to-image): no image positions to encode
         batch = Batch(
             pixel_values=pixel_values,

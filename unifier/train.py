@@ -35,7 +35,8 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs" / "train" / "shapes.yaml"
+PRESETS_DIR = REPO / "configs" / "train"
+DEFAULT_CONFIG = PRESETS_DIR / "shapes.yaml"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -54,7 +55,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     steps: int = 2000  # optimizer updates
     batch_size: int = 32  # examples per micro-batch per process
-    grad_accum: int = 1  # micro-batches per update
+    grad_accum: int = 1  # batches per update
+    # Each batch is cut by target length into this many micro-batches, so that the few long targets (text-to-image
+    # codes) do not pad every short one; the update is the same token-mean over the whole batch.
+    length_groups: int = 2
     lr: float = 5e-4
     min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
     warmup_steps: int = 100
@@ -76,6 +80,15 @@ class TrainConfig:
     resume: str | None = None  # a checkpoint folder, or "latest"
     progress: bool = True  # tqdm progress bar on the main process
     tensorboard: bool = True  # also log to TensorBoard when it is installed
+    # After training (the main job): every task of the mixture evaluated on its eval split, then the gallery.
+    final_eval: bool = True
+    eval_split: str = "val"
+    eval_limit: int | None = None  # records per task (None: the task file's whole split)
+    eval_batch_size: int = 64
+    gallery: bool = True  # shapes-world mixtures only: runs/<name>/gallery/index.html
+    gallery_scenes: int = 8
+    # {task name: {metric: minimum}}: the bar each figure of the results table is checked against.
+    targets: dict[str, dict[str, float]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes stored with the run
 
     def __post_init__(self):
@@ -84,9 +97,24 @@ class TrainConfig:
             problems.append(f"zero must be 0, 1, 2 or 3, got {self.zero}")
         if self.decay not in ("cosine", "linear", "constant"):
             problems.append(f"decay must be cosine, linear or constant, got {self.decay!r}")
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "val_batch_size", "keep_last"):
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "log_every",
+            "val_batch_size",
+            "keep_last",
+            "eval_batch_size",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.length_groups < 1 or self.length_groups > self.batch_size:
+            problems.append(f"length_groups must lie in [1, batch_size], got {self.length_groups}")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            problems.append(f"eval_limit must be >= 1 (or unset), got {self.eval_limit}")
+        for task, bars in self.targets.items():
+            if not isinstance(bars, dict) or not all(isinstance(v, (int, float)) for v in bars.values()):
+                problems.append(f"targets.{task} must map metric names to numbers, got {bars!r}")
         if problems:
             raise ValueError("train config: " + "; ".join(problems))
 
@@ -115,8 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py", description="Train the Unifier generalist model on a task mixture."
     )
     parser.add_argument("--config", help=f"a TrainConfig YAML (default: {DEFAULT_CONFIG.relative_to(REPO)})")
+    parser.add_argument(
+        "--preset",
+        help=f"a config of {PRESETS_DIR.relative_to(REPO)}/ by name: shapes (the default), shapes-full (longer)",
+    )
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "extra":
+        if f.name in ("extra", "targets"):
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = f.type if isinstance(f.type, str) else f.type.__name__
@@ -164,9 +196,12 @@ def deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
     """configs/zero{stage}.json with its "auto" batch, clipping and precision fields filled from the run's config."""
     path = REPO / "configs" / f"zero{config.zero}.json"
     ds = json.loads(path.read_text())
-    ds["train_micro_batch_size_per_gpu"] = config.batch_size
-    ds["gradient_accumulation_steps"] = config.grad_accum
-    ds["train_batch_size"] = config.batch_size * config.grad_accum * world_size
+    # DeepSpeed counts micro-batches: grad_accum batches of length_groups micro-batches each (their sizes vary; the
+    # nominal micro-batch size below only has to make DeepSpeed's batch arithmetic add up).
+    micro_batches = config.grad_accum * config.length_groups
+    ds["train_micro_batch_size_per_gpu"] = math.ceil(config.batch_size / config.length_groups)
+    ds["gradient_accumulation_steps"] = micro_batches
+    ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * micro_batches * world_size
     ds["gradient_clipping"] = config.max_grad_norm
     ds["bf16"] = {"enabled": bool(config.bf16)}
     return ds
@@ -199,7 +234,7 @@ def make_accelerator(config: TrainConfig):
         handlers.append(InitProcessGroupKwargs(backend="nccl" if torch.cuda.is_available() else "gloo"))
     return Accelerator(
         mixed_precision="bf16" if config.bf16 else "no",
-        gradient_accumulation_steps=config.grad_accum,
+        gradient_accumulation_steps=config.grad_accum * config.length_groups,
         deepspeed_plugin=plugin,
         kwargs_handlers=handlers,
     )
@@ -288,17 +323,35 @@ def _stable_hash(text: str) -> int:
 
 class MixtureSampler:
     """Batches whose examples' tasks are drawn by the mixture weights from a generator keyed by
-    (seed, rank, step, micro-batch): the same on every run, so resuming needs only the streams' positions."""
+    (seed, rank, step, batch): the same on every run, so resuming needs only the streams' positions.
 
-    def __init__(self, streams: list[TaskStream], weights: list[float], collate, seed: int, rank: int):
+    `image_positions` (the model's patches per image) weighs what an image costs when a batch is cut into
+    length groups."""
+
+    def __init__(
+        self, streams: list[TaskStream], weights: list[float], collate, seed: int, rank: int, image_positions: int = 0
+    ):
         self.streams, self.collate, self.seed, self.rank = streams, collate, seed, rank
+        self.image_positions = image_positions
         total = float(sum(weights))
         self.probabilities = np.array([w / total for w in weights])
 
-    def batch(self, step: int, micro: int, batch_size: int):
-        rng = np.random.default_rng([self.seed, self.rank, step, micro])
+    def examples(self, step: int, index: int, batch_size: int) -> list:
+        rng = np.random.default_rng([self.seed, self.rank, step, index])
         choices = rng.choice(len(self.streams), size=batch_size, p=self.probabilities)
-        return self.collate([self.streams[int(c)].next_example() for c in choices])
+        return [self.streams[int(c)].next_example() for c in choices]
+
+    def batch(self, step: int, index: int, batch_size: int):
+        """Batch `index` of update `step`, collated whole."""
+        return self.collate(self.examples(step, index, batch_size))
+
+    def update_batches(self, step: int, batch_size: int, grad_accum: int, length_groups: int) -> list:
+        """The grad_accum * length_groups micro-batches of update `step`: each batch cut into its length groups."""
+        micro_batches = []
+        for index in range(grad_accum):
+            groups = split_by_length(self.examples(step, index, batch_size), length_groups, self.image_positions)
+            micro_batches += [self.collate(group) for group in groups]
+        return micro_batches
 
     def state_dict(self) -> dict[str, dict[str, int]]:
         return {s.name: s.state_dict() for s in self.streams}
@@ -308,6 +361,39 @@ class MixtureSampler:
             if s.name not in state:
                 raise ValueError(f"the checkpoint has no data position for task {s.name!r} (it has {sorted(state)})")
             s.load_state_dict(state[s.name])
+
+
+def split_by_length(examples: Sequence, groups: int, image_positions: int = 0) -> list[list]:
+    """Cut `examples` into `groups` non-empty micro-batches that pad as little as possible.
+
+    The examples are ordered by (no image, target length, prompt length) and cut into contiguous runs; a run costs
+    its size times its padded length (longest target + longest prompt + the image positions when any example has
+    an image), and the cuts minimise the total (a small dynamic programme: n is a batch, groups a handful)."""
+    order = sorted(examples, key=lambda e: (e.image is None, len(e.target_ids), len(e.prompt_ids)))
+    n = len(order)
+    if not 1 <= groups <= n:
+        raise ValueError(f"cannot cut {n} examples into {groups} non-empty length groups")
+
+    def cost(i: int, j: int) -> int:  # examples order[i:j] as one micro-batch
+        run = order[i:j]
+        images = image_positions if any(e.image is not None for e in run) else 0
+        return (j - i) * (max(len(e.target_ids) for e in run) + max(len(e.prompt_ids) for e in run) + images)
+
+    # best[g][j]: the least cost of order[:j] in g runs; cut[g][j]: where its last run starts.
+    best = [[math.inf] * (n + 1) for _ in range(groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(groups + 1)]
+    best[0][0] = 0
+    for g in range(1, groups + 1):
+        for j in range(g, n + 1):
+            for i in range(g - 1, j):
+                total = best[g - 1][i] + cost(i, j)
+                if total < best[g][j]:
+                    best[g][j], cut[g][j] = total, i
+    runs, j = [], n
+    for g in range(groups, 0, -1):
+        runs.append(order[cut[g][j] : j])
+        j = cut[g][j]
+    return runs[::-1]
 
 
 def validation_batches(mixture, tasks, collate, count: int, batch_size: int) -> dict[str, list]:
@@ -354,23 +440,29 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints
-def save_model_folder(accelerator, model, tokenizer_folder: Path, out: Path) -> None:
-    """Write a self-contained model folder (config.json, model.safetensors, tokenizer/) via a temporary name.
+def save_model_folder(accelerator, model, tokenizer_folder: Path, out: Path, task_options: dict) -> None:
+    """Write a self-contained model folder (config.json, model.safetensors, tokenizer/, tasks.json: the options,
+    such as answer sets, each task was trained with) via a temporary name.
 
     Every process must call this: under ZeRO-3 gathering the weights is collective."""
+    from unifier.predict import write_task_options
+
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         tmp = out.parent / f".{out.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
         shutil.copytree(tokenizer_folder, tmp / "tokenizer")
+        write_task_options(tmp, task_options)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     accelerator.wait_for_everyone()
 
 
-def save_checkpoint(accelerator, model, tokenizer_folder: Path, run_dir: Path, step: int, sampler, keep: int) -> Path:
+def save_checkpoint(
+    accelerator, model, tokenizer_folder: Path, task_options: dict, run_dir: Path, step: int, sampler, keep: int
+) -> Path:
     """checkpoints/step-N/: model/ (from_pretrained), state/ (optimizer, scheduler, RNG: accelerate's save_state)
     and data-rank*.json (stream positions); built under .step-N.tmp and renamed when complete."""
     root = run_dir / "checkpoints"
@@ -382,7 +474,7 @@ def save_checkpoint(accelerator, model, tokenizer_folder: Path, run_dir: Path, s
     accelerator.save_state(str(tmp / "state"))
     position = {"step": step, "world_size": accelerator.num_processes, "streams": sampler.state_dict()}
     (tmp / f"data-rank{accelerator.process_index}.json").write_text(json.dumps(position, indent=1))
-    save_model_folder(accelerator, model, tokenizer_folder, tmp / "model")
+    save_model_folder(accelerator, model, tokenizer_folder, tmp / "model", task_options)
     if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)
@@ -473,17 +565,22 @@ def validate(model, batches: dict[str, list], device) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------------------------
 # The run
 def train_step(accelerator, model, optimizer, scheduler, batches: list, max_grad_norm: float):
-    """One optimizer update over `batches` (the micro-batches of gradient accumulation).
+    """One optimizer update over `batches` (its micro-batches: length groups and gradient accumulation).
 
-    Returns ([(loss, token_loss (B, T)) detached, per micro-batch], the gradient norm before clipping). Under DeepSpeed the engine clips, steps and
-    counts accumulation itself (the optimizer / scheduler calls are no-ops there) and the norm is read from it.
+    The update minimises the token-mean loss over all the micro-batches: each micro-batch's own token-mean is
+    weighted by its share of the target tokens (times their count, which Accelerate / DeepSpeed divide by).
+    Returns ([(loss, token_loss (B, T)) detached, per micro-batch], the gradient norm before clipping). Under
+    DeepSpeed the engine clips, steps and counts accumulation itself (the optimizer / scheduler calls are no-ops
+    there) and the norm is read from it.
     """
     engine = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    tokens = [int(batch["labels"].ne(-100).sum()) for batch in batches]
+    total_tokens = max(1, sum(tokens))
     outputs, grad_norm = [], None
-    for batch in batches:
+    for batch, batch_tokens in zip(batches, tokens, strict=True):
         with accelerator.accumulate(model):
             out = model(**batch.model_inputs())
-            accelerator.backward(out.loss)
+            accelerator.backward(out.loss * (batch_tokens * len(batches) / total_tokens))
             if accelerator.sync_gradients and engine is None:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()
@@ -526,6 +623,7 @@ def train(config: TrainConfig) -> Path:
 
     from unifier.batching import Collator
     from unifier.modeling import build_model
+    from unifier.predict import task_options_of
     from unifier.tasks import build_task_from_config, load_mixture
     from unifier.tokenization import load_tokenizer
 
@@ -537,7 +635,10 @@ def train(config: TrainConfig) -> Path:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     seed_everything(config.seed)
 
+    timings = {"start": time.perf_counter()}
     tokenizer_folder = prepare_tokenizer(config, accelerator.is_main_process)
+    timings["tokenizer_seconds"] = time.perf_counter() - timings.pop("start")
+    timings["train_start"] = time.perf_counter()
     accelerator.wait_for_everyone()
     tokenizer = load_tokenizer(tokenizer_folder)
     mixture = load_mixture(config.mixture)
@@ -546,13 +647,15 @@ def train(config: TrainConfig) -> Path:
     model = build_model(config.model, tokenizer, pretrained_bart=config.pretrained_bart, **overrides)
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable()
+    task_options = task_options_of(tasks)
     task_names = list(dict.fromkeys(t.name for t in tasks))  # task kinds, for per-task losses
-    collate = Collator(tokenizer, model.config.image_size, task_names=task_names)
+    collate = Collator(tokenizer, model.config.image_size, task_names=task_names, drop_text_only_images=False)
     streams = [
         TaskStream(task_config, task, config.seed, rank, world)
         for (task_config, _), task in zip(mixture, tasks, strict=True)
     ]
-    sampler = MixtureSampler(streams, [w for _, w in mixture], collate, config.seed, rank)
+    image_positions = model.config.num_patches
+    sampler = MixtureSampler(streams, [w for _, w in mixture], collate, config.seed, rank, image_positions)
     val_batches = validation_batches(mixture, tasks, collate, config.val_records, config.val_batch_size)
 
     optimizer = build_optimizer(model, config)
@@ -578,27 +681,29 @@ def train(config: TrainConfig) -> Path:
     bar = tqdm(
         total=config.steps, initial=start, disable=not (config.progress and accelerator.is_main_process), unit="step"
     )
-    window = {"loss": 0.0, "micro": 0, "tokens": 0, "time": time.perf_counter(), "steps": 0}
+    window = {"loss": 0.0, "targets": 0, "tokens": 0, "time": time.perf_counter(), "steps": 0}
     task_loss = torch.zeros(len(task_names), dtype=torch.float64)
     task_tokens = torch.zeros(len(task_names), dtype=torch.float64)
     model.train()
     for step in range(start, config.steps):
-        batches = [sampler.batch(step, m, config.batch_size).to(accelerator.device) for m in range(config.grad_accum)]
+        batches = sampler.update_batches(step, config.batch_size, config.grad_accum, config.length_groups)
+        batches = [batch.to(accelerator.device) for batch in batches]
         outputs, grad_norm = train_step(accelerator, model, optimizer, scheduler, batches, config.max_grad_norm)
-        for batch, (loss, token_loss) in zip(batches, outputs, strict=True):
+        for batch, (_, token_loss) in zip(batches, outputs, strict=True):
             with torch.no_grad():
                 per_example = token_loss.float().sum(1).double().cpu()
-                tokens = batch["labels"].ne(-100).sum(1).double().cpu()
+                targets = batch["labels"].ne(-100).sum(1).double().cpu()
                 task_loss.index_add_(0, batch["task_ids"].cpu(), per_example)
-                task_tokens.index_add_(0, batch["task_ids"].cpu(), tokens)
-            window["loss"] += float(loss)
-            window["micro"] += 1
-            window["tokens"] += int(batch["attention_mask"].sum() + batch["labels"].ne(-100).sum())
+                task_tokens.index_add_(0, batch["task_ids"].cpu(), targets)
+            window["loss"] += float(per_example.sum())
+            window["targets"] += int(targets.sum())
+            images = 0 if batch["image_mask"] is None else int(batch["image_mask"].sum()) * image_positions
+            window["tokens"] += int(batch["attention_mask"].sum()) + images + int(targets.sum())
         window["steps"] += 1
         done = step + 1
 
         if done % config.log_every == 0 or done == config.steps:
-            stats = torch.tensor([window["loss"], window["micro"], window["tokens"]], dtype=torch.float64)
+            stats = torch.tensor([window["loss"], window["targets"], window["tokens"]], dtype=torch.float64)
             stats = accelerator.reduce(stats.to(accelerator.device), "sum").cpu()
             per_task = accelerator.reduce(torch.stack([task_loss, task_tokens]).to(accelerator.device), "sum").cpu()
             elapsed = time.perf_counter() - window["time"]
@@ -615,7 +720,7 @@ def train(config: TrainConfig) -> Path:
             }
             log.write(entry)
             bar.set_postfix(loss=f"{entry['loss']:.3f}", samples_s=f"{entry['samples_per_s']:.1f}")
-            window = {"loss": 0.0, "micro": 0, "tokens": 0, "time": time.perf_counter(), "steps": 0}
+            window = {"loss": 0.0, "targets": 0, "tokens": 0, "time": time.perf_counter(), "steps": 0}
             task_loss.zero_()
             task_tokens.zero_()
         bar.update(1)
@@ -626,29 +731,150 @@ def train(config: TrainConfig) -> Path:
             accelerator.print(f"step {done}: val loss " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
             window["time"] = time.perf_counter()  # validation time is not training throughput
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            save_checkpoint(accelerator, model, tokenizer_folder, run_dir, done, sampler, config.keep_last)
+            save_checkpoint(
+                accelerator, model, tokenizer_folder, task_options, run_dir, done, sampler, config.keep_last
+            )
             window["time"] = time.perf_counter()
 
     bar.close()
     if config.checkpoint_every:
-        save_checkpoint(accelerator, model, tokenizer_folder, run_dir, config.steps, sampler, config.keep_last)
+        save_checkpoint(
+            accelerator, model, tokenizer_folder, task_options, run_dir, config.steps, sampler, config.keep_last
+        )
     final = run_dir / "model"
-    save_model_folder(accelerator, model, tokenizer_folder, final)
+    save_model_folder(accelerator, model, tokenizer_folder, final, task_options)
     skipped = {s.name: s.state["skipped"] for s in streams if s.state["skipped"]}
     if skipped or collate.unconstrained_targets:
         accelerator.print(
             f"skipped records: {skipped}; constrained targets outside their set: {collate.unconstrained_targets}"
         )
     log.close()
+    timings["train_seconds"] = time.perf_counter() - timings.pop("train_start")
+    if config.final_eval:
+        final_report(config, final, run_dir, accelerator, timings)
     accelerator.end_training()
     return final
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The main job's end: every task evaluated, the gallery, the results table
+def final_report(config: TrainConfig, model_folder: Path, run_dir: Path, accelerator, timings: dict) -> dict:
+    """Evaluate the saved model on every task of the mixture (records sharded over the processes), then, on the main
+    process, write the gallery (shapes-world mixtures) and results.md, and print the results table.
+
+    The model is read back from its folder, so what is scored is exactly what a user loads (under ZeRO-3 the
+    training copy is partitioned anyway). Returns {task name: evaluate_task's summary}."""
+    from unifier.evaluate import evaluate_mixture
+    from unifier.predict import Unifier
+    from unifier.tasks import load_mixture
+
+    start = time.perf_counter()
+    unifier = Unifier.from_pretrained(model_folder, device=accelerator.device)
+    summaries = evaluate_mixture(
+        unifier,
+        config.mixture,
+        out_dir=run_dir / "eval",
+        split=config.eval_split,
+        limit=config.eval_limit,
+        batch_size=config.eval_batch_size,
+        progress=config.progress and accelerator.is_main_process,
+    )
+    timings["eval_seconds"] = time.perf_counter() - start
+    gallery_index = None
+    shapes_only = all(c.data["source"] == "shapes" for c, _ in load_mixture(config.mixture))
+    if accelerator.is_main_process:
+        if config.gallery and shapes_only:
+            from unifier.gallery import write_gallery
+
+            start = time.perf_counter()
+            gallery_index = write_gallery(
+                unifier, run_dir / "gallery", n=config.gallery_scenes, log_path=run_dir / "log.jsonl"
+            )
+            timings["gallery_seconds"] = time.perf_counter() - start
+        table = results_table(summaries, config.targets)
+        report = render_report(config, table, timings, accelerator.num_processes, gallery_index)
+        tmp = run_dir / ".results.md.tmp"
+        tmp.write_text(report)
+        os.replace(tmp, run_dir / "results.md")
+        print("\n" + table + "\n", flush=True)
+        print(f"results: {run_dir / 'results.md'}; metrics and predictions: {run_dir / 'eval'}", flush=True)
+        if gallery_index is not None:
+            print(f"gallery: open file://{gallery_index.resolve()} in a browser", flush=True)
+    accelerator.wait_for_everyone()
+    return summaries
+
+
+def _percent_like(metric: str) -> bool:
+    """Fractions shown as percentages; CIDEr / BLEU / mean IoU keep their own scale."""
+    return not metric.startswith(("CIDEr", "BLEU", "mean_iou"))
+
+
+def _figure(metric: str, value: Any) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}%" if _percent_like(metric) else f"{value:.3f}"
+
+
+def results_table(summaries: dict[str, dict[str, Any]], targets: dict[str, dict[str, float]]) -> str:
+    """A Markdown table: one row per (task, metric) with a target, then the task's other figures in one cell."""
+    lines = [
+        "| task | examples | metric | value | target | met | other figures |",
+        "| --- | ---: | --- | ---: | ---: | :-: | --- |",
+    ]
+    for name, summary in summaries.items():
+        metrics = summary["metrics"]
+        bars = targets.get(name, {})
+        shown = list(bars) or list(metrics)[:1]
+        others = ", ".join(f"{k} {_figure(k, v)}" for k, v in metrics.items() if k not in shown)
+        for metric in shown:
+            value = metrics.get(metric)
+            if metric in bars:
+                target = f">= {_figure(metric, bars[metric])}"
+                met = "yes" if value is not None and value >= bars[metric] else "no"
+            else:
+                target, met = "", ""
+            lines.append(
+                f"| {name} | {summary['count']} | {metric} | {_figure(metric, value)} | {target} | {met} | {others} |"
+            )
+            others = ""
+    return "\n".join(lines)
+
+
+def render_report(config: TrainConfig, table: str, timings: dict, processes: int, gallery: Path | None) -> str:
+    """results.md: the table plus what produced it (command, machine, time per phase)."""
+    import platform
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    phases = ", ".join(f"{k.removesuffix('_seconds')} {v / 60:.1f} min" for k, v in timings.items())
+    total = sum(timings.values())
+    lines = [
+        f"# Results of {config.output_dir}",
+        "",
+        table,
+        "",
+        f"- command: `{' '.join(['python', *sys.argv]) if sys.argv else 'train()'}`",
+        f"- model `{config.model}`, {config.steps} steps of {config.batch_size * config.grad_accum * processes} "
+        f"examples, mixture `{config.mixture}`, evaluated on the `{config.eval_split}` split of each task file",
+        f"- machine: {device}, {processes} process(es), torch {torch.__version__}, Python {platform.python_version()}",
+        f"- time: {total / 60:.1f} min ({phases})",
+    ]
+    if gallery is not None:
+        lines.append(f"- gallery: `{gallery}`")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
     args.pop("local_rank")
-    config_path = args.pop("config") or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    config = load_config(config_path, args)
+    preset, config_path = args.pop("preset"), args.pop("config")
+    if preset and config_path:
+        raise SystemExit("train.py: give --preset or --config, not both")
+    if preset:
+        config_path = PRESETS_DIR / f"{preset}.yaml"
+        if not config_path.is_file():
+            known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+            raise SystemExit(f"train.py: unknown preset {preset!r}; known: {', '.join(known)}")
+    config = load_config(config_path or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None), args)
     final = train(config)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"model written to {final}")
