@@ -10,11 +10,11 @@ import socket
 import urllib.error
 import urllib.request
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import CHROMIUM, require_chromium
 from PIL import Image
 
 from unifier.data.shapes import ANSWER_VOCAB, make_scene
@@ -22,7 +22,6 @@ from unifier.demo import MAX_UPLOAD_SIZE, DemoError, DemoModel, build_demo, laun
 from unifier.predict import Unifier
 from unifier.tasks.base import ImageOutput
 
-CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -81,8 +80,7 @@ def served(recording):
 
 @pytest.fixture(scope="module")
 def page(served):
-    if not CHROMIUM.exists():
-        pytest.skip("/usr/bin/chromium is not installed (apt-get install chromium): no browser to drive")
+    require_chromium("no browser to drive")
     from playwright.sync_api import sync_playwright
 
     _, url = served

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CHROMIUM, require_chromium
 from PIL import Image
 
 from unifier.data.shapes import make_scene, scene_records
@@ -31,7 +32,6 @@ from unifier.gallery import (
 )
 from unifier.tasks.base import BoxOutput, ImageOutput, TextOutput
 
-CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -306,8 +306,7 @@ def test_cli_writes_a_gallery_of_a_real_model_that_a_browser_renders(model_dir, 
 
     assert main(["--model", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert main(["--model", str(model_dir), "--out", str(out), "--log", str(tmp_path / "no.jsonl")]) == 2
-    if not CHROMIUM.exists():
-        pytest.skip("/usr/bin/chromium is not installed (apt-get install chromium): page not rendered")
+    require_chromium("page not rendered")
     png = tmp_path / "gallery.png"
     screenshot(index, png)
     with Image.open(png) as shot:
