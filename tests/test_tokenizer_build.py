@@ -325,3 +325,27 @@ def test_image_folder_recipe(tmp_path, capsys):
     missing = write_recipe(tmp_path, name="missing.yaml", image__data=str(tmp_path / "nowhere"))
     assert main(["build", str(missing), "--out", str(tmp_path / "other"), "--quiet"]) == 2
     assert "image folder not found" in capsys.readouterr().err
+
+
+def test_training_rebuilds_a_folder_whose_recipe_changed(tmp_path):
+    """train.py's tokenizer step: a folder built from the configured recipe file is reused while the file is
+    unchanged and rebuilt once it changes; a folder built from another recipe is used as it is."""
+    from unifier.train import TrainConfig, prepare_tokenizer
+
+    recipe = write_recipe(tmp_path)
+    out = tmp_path / "tok"
+    config = TrainConfig(tokenizer=str(out), tokenizer_recipe=str(recipe))
+    assert prepare_tokenizer(config, is_main=True) == out
+    first = json.loads((out / "build_info.json").read_text())
+    prepare_tokenizer(config, is_main=True)
+    assert json.loads((out / "build_info.json").read_text()) == first  # reused
+    assert load_tokenizer(out).vocab.num_bins == 100
+
+    write_recipe(tmp_path, bins=64)
+    prepare_tokenizer(config, is_main=True)
+    assert json.loads((out / "build_info.json").read_text())["recipe_hash"] != first["recipe_hash"]
+    assert load_tokenizer(out).vocab.num_bins == 64
+
+    other = write_recipe(tmp_path, name="other.yaml", bins=32)
+    prepare_tokenizer(TrainConfig(tokenizer=str(out), tokenizer_recipe=str(other)), is_main=True)
+    assert load_tokenizer(out).vocab.num_bins == 64  # built from tiny.yaml: not this run's recipe to manage

@@ -597,10 +597,18 @@ def prepare_tokenizer(
 ) -> Path:
     """The tokenizer folder, built from the recipe first when missing, by the main process only.
 
-    The others poll for the finished folder (the build renames it into place when complete) rather than waiting in
-    a collective, whose timeout (30 minutes) a VQ-GAN build can outlast."""
+    A folder that was built from this same recipe file, which has changed since, is rebuilt (the build reuses it
+    when nothing changed); a folder made otherwise is used as it is. The other processes poll for the finished
+    folder (the build renames it into place when complete) rather than waiting in a collective, whose timeout
+    (30 minutes) a VQ-GAN build can outlast."""
     folder = Path(config.tokenizer)
     if folder.is_dir():
+        if is_main and config.tokenizer_recipe and _built_from(folder) == str(config.tokenizer_recipe):
+            from unifier.tokenization.build import build_tokenizer, load_recipe, recipe_hash
+
+            if _built_from(folder, "recipe_hash") != recipe_hash(load_recipe(config.tokenizer_recipe)):
+                print(f"{config.tokenizer_recipe} changed since {folder} was built from it: rebuilding", flush=True)
+                build_tokenizer(config.tokenizer_recipe, folder, force=True)
         return folder
     if not config.tokenizer_recipe:
         raise FileNotFoundError(f"tokenizer folder {folder} not found and no tokenizer_recipe to build it from")
@@ -615,6 +623,15 @@ def prepare_tokenizer(
             raise TimeoutError(f"waited {patience_hours} h for the main process to build {folder}")
         time.sleep(poll_seconds)
     return folder
+
+
+def _built_from(folder: Path, key: str = "recipe") -> str | None:
+    """A field of the build_info.json that `unifier tokenizer build` leaves in a folder (None: no such file)."""
+    info = folder / "build_info.json"
+    try:
+        return str(json.loads(info.read_text()).get(key)) if info.is_file() else None
+    except json.JSONDecodeError:
+        return None
 
 
 def train(config: TrainConfig) -> Path:
