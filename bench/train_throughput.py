@@ -95,17 +95,20 @@ def worker(spec: dict) -> None:
     model = build_model(spec["size"], tokenizer, dropout=0.0)
     collate = Collator(tokenizer, model.config.image_size, [t.name for t in tasks], drop_text_only_images=False)
     streams = [TaskStream(c, t, 0, rank, world) for (c, _), t in zip(mixture, tasks, strict=True)]
-    sampler = MixtureSampler(streams, [w for _, w in mixture], collate, 0, rank)
+    patches = model.config.num_patches
+    sampler = MixtureSampler(streams, [w for _, w in mixture], collate, 0, rank, patches)
     steps = spec["warmup"] + spec["steps"]
-    batches = [sampler.batch(step, 0, config.batch_size) for step in range(steps)]
+    # The micro-batches of each update as training makes them (each batch cut into config.length_groups).
+    updates = [sampler.update_batches(step, config.batch_size, 1, config.length_groups) for step in range(steps)]
 
     flops = 0.0
-    if rank == 0:  # model FLOPs of one forward + backward, counted on the bare model
+    if rank == 0:  # model FLOPs of one update's forward + backward passes, counted on the bare model
         counter = FlopCounterMode(display=False)
         with counter, torch.autocast("cpu", torch.bfloat16, enabled=config.bf16 and not torch.cuda.is_available()):
-            model(**batches[0].model_inputs()).loss.backward()
+            for batch in updates[0]:
+                model(**batch.model_inputs()).loss.backward()
         model.zero_grad(set_to_none=True)
-        flops = counter.get_total_flops() / batches[0].size  # per sample
+        flops = counter.get_total_flops() / sum(batch.size for batch in updates[0])  # per sample
     parameters = sum(p.numel() for p in model.parameters())
 
     optimizer = build_optimizer(model, config)
@@ -113,20 +116,21 @@ def worker(spec: dict) -> None:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
     times, tokens = [], 0
-    for step, batch in enumerate(batches):
-        batch = batch.to(accelerator.device)
+    for step, batches in enumerate(updates):
+        batches = [batch.to(accelerator.device) for batch in batches]
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         accelerator.wait_for_everyone()
         start = time.perf_counter()
-        train_step(accelerator, model, optimizer, scheduler, [batch], config.max_grad_norm)
+        train_step(accelerator, model, optimizer, scheduler, batches, config.max_grad_norm)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         accelerator.wait_for_everyone()
         if step >= spec["warmup"]:
             times.append(time.perf_counter() - start)
-            tokens += int(batch["attention_mask"].sum() + batch["image_mask"].sum() * model_config_patches(model))
-            tokens += int(batch["labels"].ne(-100).sum())
+            for batch in batches:
+                tokens += int(batch["attention_mask"].sum() + batch["image_mask"].sum() * patches)
+                tokens += int(batch["labels"].ne(-100).sum())
     total_tokens = accelerator.reduce(torch.tensor(float(tokens), device=accelerator.device), "sum").item()
     if rank == 0:
         step_time = statistics.median(times)
@@ -142,11 +146,6 @@ def worker(spec: dict) -> None:
         }
         Path(spec["result"]).write_text(json.dumps(result))
     accelerator.end_training()
-
-
-def model_config_patches(model) -> int:
-    unwrapped = getattr(model, "module", model)
-    return unwrapped.config.num_patches
 
 
 # ---- the driver ---------------------------------------------------------------------------------------------------
