@@ -11,6 +11,7 @@ from transformers import AutoModelForSeq2SeqLM, BartConfig, BartModel
 
 from unifier.data.shapes import corpus
 from unifier.modeling import (
+    POSITION_INIT_STD,
     UnifierConfig,
     UnifierForConditionalGeneration,
     build_config,
@@ -83,7 +84,7 @@ def test_config_carries_the_vocabulary_and_sizes(vocab, model):
     assert model.lm_head.weight is model.model.shared.weight
     assert model.config._attn_implementation == "sdpa"
     tiny = build_config("tiny", vocab)
-    assert (tiny.d_model, tiny.encoder_layers, tiny.num_patches) == (256, 4, 64)
+    assert (tiny.d_model, tiny.encoder_layers, tiny.decoder_layers, tiny.num_patches) == (256, 0, 6, 64)
     assert build_config("base", vocab).image_size == 384 and build_config("large", vocab).d_model == 1024
     with pytest.raises(ValueError, match="unknown model size 'huge'.*base, large, tiny"):
         build_config("huge", vocab)
@@ -190,6 +191,21 @@ def test_generate_greedy_and_beam_through_both_encoder_paths(vocab):
             encoder_outputs=encoder_outputs, attention_mask=full_mask, num_beams=3, num_return_sequences=2, **settings
         )
         assert beam_kwargs.shape == (6, 7) and torch.equal(beam_kwargs, beam_encoded)
+
+
+def test_image_positions_start_at_the_scale_of_the_patch_features(vocab):
+    """Row / column embeddings start at POSITION_INIT_STD (BART's 0.02 elsewhere), beside layer-normed features,
+    and a model without encoder layers (the tiny size) builds and runs."""
+    torch.manual_seed(0)
+    model = build_model({**TINY, "encoder_layers": 0, "decoder_layers": 2}, vocab)
+    embeddings = model.model.encoder.image_embeddings
+    for table in (embeddings.row_embeddings, embeddings.col_embeddings):
+        assert table.weight.std().item() == pytest.approx(POSITION_INIT_STD, rel=0.2)
+    assert model.model.shared.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    features = embeddings.norm(embeddings.stem(torch.rand(2, 3, 32, 32)).flatten(2).transpose(1, 2))
+    assert features.std(-1).mean().item() == pytest.approx(1.0, rel=0.05)
+    out = model(**make_inputs(vocab))
+    assert torch.isfinite(out.loss) and out.encoder_last_hidden_state.shape[1] == 16 + 7
 
 
 def test_save_and_from_pretrained_give_identical_logits(vocab, model, tmp_path):

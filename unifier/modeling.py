@@ -4,8 +4,8 @@ Transformers' one-file-per-model style. The encoder input is
 
     [image patch embeddings (P = (S / patch)^2)] + [prompt token embeddings (L)]      (B, P + L, d_model)
 
-where a patch embedding is a small strided-convolution stem's feature + a learned row embedding + a learned
-column embedding + the "image" type embedding, and a token embedding is the shared word embedding + the
+where a patch embedding is a small strided-convolution stem's feature (layer-normalised) + a learned row
+embedding + a learned column embedding + the "image" type embedding, and a token embedding is the shared word embedding + the
 "text" type embedding. BART's encoder then adds its own learned 1-D positions over the whole sequence.
 Examples without an image (text-to-image prompts) keep their P positions but have them masked out; a batch in
 which no example has an image (pixel_values None) leaves the P positions out altogether, its prompt tokens keeping
@@ -42,12 +42,17 @@ from transformers import (
     GenerationMixin,
     PreTrainedModel,
 )
+from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.bart.modeling_bart import BartDecoder, BartEncoder, BartScaledWordEmbedding
 
 logger = logging.getLogger(__name__)
 
 IMAGE_TYPE, TEXT_TYPE = 0, 1
+# Initial std of the row / column embeddings, against the unit-variance patch features they are added to. At
+# BART's 0.02 they were 30x smaller than the features and stayed so: after 2400 steps on the shapes world the
+# model still had no sense of where anything was (grounding Acc@0.5 3%, left / right questions at chance).
+POSITION_INIT_STD = 0.5
 MODEL_SIZES_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 
@@ -111,7 +116,9 @@ class UnifierImageEmbeddings(nn.Module):
 
     The stem is log2(patch) stride-2 3x3 convolutions with GroupNorm + GELU, then a 1x1 projection: a small
     convolutional stem trains better than a bare linear patchify (Xiao et al. 2021, "Early convolutions help
-    transformers see better"). GroupNorm rather than BatchNorm keeps examples of a batch independent.
+    transformers see better"). GroupNorm rather than BatchNorm keeps examples of a batch independent. The
+    projection is layer-normalised so that the features keep one scale, which the 2-D position embeddings
+    (POSITION_INIT_STD) are sized against.
     """
 
     def __init__(self, config: UnifierConfig):
@@ -130,6 +137,7 @@ class UnifierImageEmbeddings(nn.Module):
             in_channels = width
         layers.append(nn.Conv2d(in_channels, config.d_model, kernel_size=1))
         self.stem = nn.Sequential(*layers)
+        self.norm = nn.LayerNorm(config.d_model)
         self.row_embeddings = nn.Embedding(config.grid_size, config.d_model)
         self.col_embeddings = nn.Embedding(config.grid_size, config.d_model)
         self.grid_size = config.grid_size
@@ -142,7 +150,7 @@ class UnifierImageEmbeddings(nn.Module):
                 f"pixel_values of size {pixel_values.shape[-1]} give a {g}x{g} patch grid, the model expects "
                 f"{self.grid_size}x{self.grid_size} (image_size in its config)"
             )
-        x = x.flatten(2).transpose(1, 2)  # (B, g*g, d), raster order
+        x = self.norm(x.flatten(2).transpose(1, 2))  # (B, g*g, d), raster order
         rows = self.row_embeddings.weight[:, None, :].expand(g, g, d)  # (g, g, d): row r at [r, :]
         cols = self.col_embeddings.weight[None, :, :].expand(g, g, d)  # (g, g, d): col c at [:, c]
         return x + (rows + cols).reshape(g * g, d)
@@ -160,6 +168,14 @@ class UnifierEncoder(BartEncoder):
         self.image_embeddings = UnifierImageEmbeddings(config)
         self.type_embeddings = nn.Embedding(2, config.d_model)
         self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The encoder is a PreTrainedModel of its own: transformers initialises its modules with this method, and
+        # only the modules that hold parameters themselves (the row / column nn.Embedding, not their parent).
+        super()._init_weights(module)
+        image = getattr(self, "image_embeddings", None)
+        if image is not None and (module is image.row_embeddings or module is image.col_embeddings):
+            init.normal_(module.weight, mean=0.0, std=POSITION_INIT_STD)
 
     def embed(
         self,
