@@ -203,7 +203,10 @@ def deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
     ds["gradient_accumulation_steps"] = micro_batches
     ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * micro_batches * world_size
     ds["gradient_clipping"] = config.max_grad_norm
-    ds["bf16"] = {"enabled": bool(config.bf16)}
+    # bf16 as torch autocast inside the engine: weights, optimizer state and the saved model stay fp32. (DeepSpeed's
+    # own bf16 mode keeps bf16 weights, so the model folder would hold bf16 weights too.)
+    ds["bf16"] = {"enabled": False}
+    ds["torch_autocast"] = {"enabled": bool(config.bf16), "dtype": "bfloat16"}
     return ds
 
 
@@ -233,7 +236,7 @@ def make_accelerator(config: TrainConfig):
     if plugin is not None or world_size > 1:
         handlers.append(InitProcessGroupKwargs(backend="nccl" if torch.cuda.is_available() else "gloo"))
     return Accelerator(
-        mixed_precision="bf16" if config.bf16 else "no",
+        mixed_precision="bf16" if config.bf16 and plugin is None else "no",  # DeepSpeed: its torch_autocast
         gradient_accumulation_steps=config.grad_accum * config.length_groups,
         deepspeed_plugin=plugin,
         kwargs_handlers=handlers,
