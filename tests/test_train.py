@@ -131,6 +131,28 @@ def test_config_file_and_flags(tmp_path):
         TrainConfig(zero=4)
 
 
+def test_presets_start_from_a_base_file(tmp_path):
+    from unifier.train import main
+
+    full = load_config(REPO / "configs/train/shapes-full.yaml")
+    default = load_config(REPO / "configs/train/shapes.yaml")
+    assert (full.steps, full.output_dir) == (15000, "runs/shapes-full")
+    assert (full.model, full.mixture, full.targets, full.bf16) == (
+        default.model,
+        default.mixture,
+        default.targets,
+        default.bf16,
+    )
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nsteps: 5\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nlr: 0.1\n")
+    with pytest.raises(ValueError, match="form a cycle"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(SystemExit, match="unknown preset 'nope'; known: .*shapes, shapes-full"):
+        main(["--preset", "nope"])
+    with pytest.raises(SystemExit, match="--preset or --config, not both"):
+        main(["--preset", "shapes", "--config", "configs/train/shapes.yaml"])
+
+
 def test_schedule_warms_up_then_decays_to_the_floor():
     config = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
     factors = [lr_factor(s, config) for s in range(100)]

@@ -120,21 +120,30 @@ class TrainConfig:
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """A TrainConfig from a YAML file (unknown keys are an error) and then `overrides`."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"train config not found: {path}")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of TrainConfig fields")
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown field(s) {unknown}; known: {sorted(known)}")
+    """A TrainConfig from a YAML file (unknown keys are an error) and then `overrides`.
+
+    A file may start from another with `base: other.yaml` (a path relative to it) and set only what differs."""
+    values = _config_values(Path(path)) if path is not None else {}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return TrainConfig(**values)
+
+
+def _config_values(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"train config not found: {path}")
+    if path.resolve() in seen:
+        raise ValueError(f"{path}: `base` files form a cycle: {' -> '.join(map(str, (*seen, path)))}")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of TrainConfig fields")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known - {"base"})
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {unknown}; known: {sorted(known)}")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    return {**_config_values(path.parent / str(base), (*seen, path.resolve())), **values}
 
 
 def build_parser() -> argparse.ArgumentParser:
