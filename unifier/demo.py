@@ -1,4 +1,4 @@
-"""`unifier demo --model runs/shapes/model [--host 127.0.0.1] [--port 7860] [--share]`
+"""`unifier demo --model runs/shapes-tiny/model [--host 127.0.0.1] [--port 7860] [--share]`
 
 A Gradio web app around one model: a tab per task (caption, VQA, grounding, region caption, entailment,
 text-to-image) and a free-prompt tab. Upload an image or pick a shapes-world scene (by number, at
@@ -6,7 +6,7 @@ random, or from the example gallery); picking a scene also fills every tab with 
 expression, a region, a hypothesis and a caption of that scene, so each tab is one click away from an answer.
 
     from unifier.demo import build_demo, launch_demo
-    demo = build_demo(Unifier.from_pretrained("runs/shapes/model"))
+    demo = build_demo(Unifier.from_pretrained("runs/shapes-tiny/model"))
     url = launch_demo(demo, port=7860, block=False)     # serves on http://127.0.0.1:7860 until demo.close()
 
 Safe defaults: bound to 127.0.0.1 (`--host 0.0.0.0` to serve a network), uploads capped at

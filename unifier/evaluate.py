@@ -28,8 +28,8 @@ Runs in batches on the GPU when there is one; under `torchrun` / `accelerate lau
 every n-th record, and the metric sums and predictions are gathered before dividing and writing. From
 Python (the training job evaluates all six tasks this way):
 
-    figures = evaluate_task(Unifier.from_pretrained("runs/shapes/model"), "tasks/shapes/vqa.yaml",
-                            records=None, out_dir="runs/shapes/eval", split="val")
+    figures = evaluate_task(Unifier.from_pretrained("runs/shapes-tiny/model"), "tasks/shapes/vqa.yaml",
+                            records=None, out_dir="runs/shapes-tiny/eval", split="val")
 """
 
 from __future__ import annotations

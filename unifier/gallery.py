@@ -1,11 +1,11 @@
-"""`unifier gallery --model runs/shapes/model --out runs/shapes/gallery [--n 8] [--log runs/shapes/log.jsonl]`
+"""`unifier gallery --model runs/shapes-tiny/model --out runs/shapes-tiny/gallery [--n 8] [--log runs/shapes-tiny/log.jsonl]`
 
 A static HTML page of what a model does on shapes-world scenes: captions under images, questions and
 answers, grounding boxes (predicted and true in two colors), region captions, entailment verdicts,
 text-to-image samples beside their prompts, and the training curves of the run's log as plots.
 
     from unifier.gallery import write_gallery
-    index = write_gallery(Unifier.from_pretrained("runs/shapes/model"), "runs/shapes/gallery")
+    index = write_gallery(Unifier.from_pretrained("runs/shapes-tiny/model"), "runs/shapes-tiny/gallery")
 
 The folder holds `index.html` and PNG panels only: no script, no external URL, so it opens from disk in
 any browser. It is written to a temporary folder beside the target and renamed into place, so a reader

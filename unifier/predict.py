@@ -13,7 +13,7 @@ design.md), or named with `--task` / `task=`:
     any other prompt without an image                                 free text
 
     from unifier import Unifier
-    model = Unifier.from_pretrained("runs/shapes/model")
+    model = Unifier.from_pretrained("runs/shapes-tiny/model")
     model.predict(image="scene.png", prompt=" what color is the small circle?")     # TextOutput("red", score)
     model.predict(image=pil, prompt=' which region does the text " red circle " describe?')  # BoxOutput
     model.predict(prompt=" what is the complete image? caption: a small red circle", samples=4)  # [ImageOutput]
