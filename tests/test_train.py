@@ -134,9 +134,9 @@ def test_config_file_and_flags(tmp_path):
 def test_presets_start_from_a_base_file(tmp_path):
     from unifier.train import main
 
-    full = load_config(REPO / "configs/train/shapes-full.yaml")
+    full = load_config(REPO / "configs/train/full.yaml")
     default = load_config(REPO / "configs/train/shapes.yaml")
-    assert (full.steps, full.output_dir) == (15000, "runs/shapes-full")
+    assert (full.steps, full.output_dir) == (4 * default.steps, "runs/shapes-full")
     assert (full.model, full.mixture, full.targets, full.bf16) == (
         default.model,
         default.mixture,
@@ -147,7 +147,7 @@ def test_presets_start_from_a_base_file(tmp_path):
     (tmp_path / "b.yaml").write_text("base: a.yaml\nlr: 0.1\n")
     with pytest.raises(ValueError, match="form a cycle"):
         load_config(tmp_path / "a.yaml")
-    with pytest.raises(SystemExit, match="unknown preset 'nope'; known: .*shapes, shapes-full"):
+    with pytest.raises(SystemExit, match="unknown preset 'nope'; known: full, .*shapes"):
         main(["--preset", "nope"])
     with pytest.raises(SystemExit, match="--preset or --config, not both"):
         main(["--preset", "shapes", "--config", "configs/train/shapes.yaml"])

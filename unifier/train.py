@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help=f"a TrainConfig YAML (default: {DEFAULT_CONFIG.relative_to(REPO)})")
     parser.add_argument(
         "--preset",
-        help=f"a config of {PRESETS_DIR.relative_to(REPO)}/ by name: shapes (the default), shapes-full (longer)",
+        help=f"a config of {PRESETS_DIR.relative_to(REPO)}/ by name: shapes (the default), full (four times longer)",
     )
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("extra", "targets"):
