@@ -16,6 +16,7 @@ Figures on a shared machine are noisy: the load average is printed with them.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -165,13 +166,17 @@ def bench_overhead(unifier, examples, repeats: int, device: str) -> None:
     print("  inside: the processor's own time / the constrained generate's time (robust to machine load)")
     print(f"{'constraint':<34}{'steps':>6}{'free s':>10}{'constrained s':>15}{'wall':>9}{'inside':>9}")
     for label, processor, steps in cases:
-        # Both searches run `steps` decoder steps: the constrained one by construction, the free one because a
-        # random model almost never says </s> (a note is printed when the lengths differ).
-        config = _generation_config(steps, options, 0.0, ids)
+        # Both searches run `steps` decoder steps: the constrained one by construction, the free one because
+        # </s> is held off until then (a trained model would stop early; a note is printed if lengths differ).
+        constrained_config = _generation_config(steps, options, 0.0, ids)
+        free_config = copy.deepcopy(constrained_config)
+        free_config.min_new_tokens = steps
         timer = TimedProcessor(processor, device)
         lengths, free_times, constrained_times, shares = {}, [], [], []
+        configs = {"free": free_config, "constrained": constrained_config}
 
-        def run(processors, key, config=config, lengths=lengths):
+        def run(processors, key, lengths=lengths, configs=configs):
+            config = configs[key]
             start = time.perf_counter()
             with torch.no_grad():
                 out = model.generate(
