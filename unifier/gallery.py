@@ -193,9 +193,10 @@ def plot_curves(series: dict[str, dict[str, list[tuple[float, float]]]], out_pat
         ax.set_title(group)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        # Under the axes, not inside: seven curves leave no corner free of lines.
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
+    fig.savefig(out_path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return Path(out_path)
 
