@@ -301,7 +301,8 @@ def test_missing_recipe_and_help(tmp_path, capsys):
 
 def test_shipped_shapes_recipe_is_valid():
     recipe = load_recipe(REPO / "tokenizers" / "shapes.yaml")
-    assert recipe["image"]["data"] == "shapes" and recipe["bins"] == 1000
+    # One location bin per pixel of the shapes world's 64-pixel scenes.
+    assert recipe["image"]["data"] == "shapes" and recipe["bins"] == recipe["image"]["ddconfig"]["resolution"] == 64
     assert build_module.recipe_hash(recipe) == build_module.recipe_hash(
         load_recipe(REPO / "tokenizers" / "shapes.yaml")
     )
