@@ -104,8 +104,10 @@ def test_trie_processor_masks_every_row_like_a_brute_force_trie():
         masked = processor(input_ids[:, : 1 + cut], scores)
         for r, (example, prefix) in enumerate(rows):
             prefix = (prefix + [0] * width)[:cut]
-            allowed = {int(t) for t in torch.nonzero(masked[r] == 0)}
+            allowed = {int(t) for t in torch.nonzero(torch.isfinite(masked[r]))}
             assert allowed == allowed_by_brute_force(sets[example], prefix), (example, prefix)
+            # Equal scores in, so the allowed tokens share the probability evenly.
+            assert torch.allclose(masked[r][sorted(allowed)].exp(), torch.tensor(1 / len(allowed)))
 
 
 def test_trie_table_rejects_bad_sets():
@@ -127,8 +129,12 @@ def test_constrained_beams_stay_in_their_sets_and_find_the_exhaustive_best(model
     encoder_outputs, mask = encoded(model, len(sets), seed=data.draw(st.integers(0, 3)))
     options = DecodingOptions(beams=beams, num_return=beams)
     results = decode_closed_sets(model, encoder_outputs, mask, sets, (1, EOS, 0), vocab.size, options)
-    exhaustive = score_candidates(model, encoder_outputs, mask, sets, 1, 0)
+    table, example_sets = build_trie_table(sets, EOS, vocab.size)
+    trie = (table, table.roots[torch.tensor(example_sets)])
+    exhaustive = score_candidates(model, encoder_outputs, mask, sets, 1, 0, trie=trie)
     for sequences, hypotheses, scores in zip(sets, results, exhaustive, strict=True):
+        # Renormalized within the set: the answers' probabilities sum to one.
+        assert float(scores.logsumexp(0)) == pytest.approx(0.0, abs=1e-4)
         members = {tuple(s[:-1]) for s in sequences}
         assert hypotheses, "beam search always finds an answer of a non-empty set"
         assert all(tuple(h.ids) in members for h in hypotheses)

@@ -19,8 +19,12 @@ Every task's `constraint()` (unifier.tasks.base) becomes one vectorized `LogitsP
 
 A hypothesis's score is its log-likelihood under the model (natural log, summed over the generated tokens
 and </s>), divided by length ** length_penalty in beam search: the penalty is 0 for closed sets and spans
-(plain log-likelihoods) and 1.0 for free text unless set. Masked tokens are not renormalized away, so a
-constrained beam's score equals the same sequence's score in a teacher-forced pass (`score_candidates`).
+(plain log-likelihoods) and 1.0 for free text unless set. A closed set's log-likelihood is renormalized over
+the tokens its trie allows at each step, p(answer | answer in the set): that is what constrained training
+(OFA's, `constrain_training`) teaches, and the raw distribution of such a model is untrained outside the set
+(a finished answer's </s>, the only token its trie allows, never gets a gradient). Spans are trained over the
+whole vocabulary and keep the raw log-likelihood. Either way a constrained beam's score equals the same
+sequence's score in a teacher-forced pass (`score_candidates`, given the trie for closed sets).
 """
 
 from __future__ import annotations
@@ -215,12 +219,15 @@ def build_trie_table(
 
 
 class TrieLogitsProcessor(LogitsProcessor):
-    """Masks every row's scores to the tokens its trie allows after the row's generated prefix.
+    """Masks every row's scores to the tokens its trie allows after the row's generated prefix, as
+    log-probabilities renormalized over those tokens (see the module docstring for why).
 
     `example_roots` (B,) are the root nodes of the B examples; generate's rows come example by example,
     rows // B of them each (beams or samples). `prefix_length` decoder tokens (the start token) are not
     part of the answer.
     """
+
+    renormalizes = True  # the scores it returns are the closed set's log-probabilities
 
     def __init__(self, table: TrieTable, example_roots: torch.Tensor, prefix_length: int = 1):
         self.table = table
@@ -233,7 +240,8 @@ class TrieLogitsProcessor(LogitsProcessor):
         nodes = self.table.walk(roots, input_ids[:, self.prefix_length :])  # (R,)
         columns = self.table.columns
         allowed = self.table.allowed.index_select(0, nodes)  # (R, C)
-        kept = scores.index_select(1, columns).masked_fill_(~allowed, NEG_INF)  # (R, C)
+        kept = scores.index_select(1, columns).float().masked_fill_(~allowed, NEG_INF)  # (R, C)
+        kept = kept.log_softmax(-1).to(scores.dtype)  # every row allows a token: the dead node allows </s>
         # index_select / index_copy_ rather than advanced indexing: the latter's gather / scatter is ~10x slower.
         return torch.full_like(scores, NEG_INF).index_copy_(1, columns, kept)
 
@@ -372,7 +380,10 @@ def run_generate(
     config = _generation_config(max_new_tokens, options, length_penalty, ids)
     sampling_like = options.samples is not None or options.beams == 1
     recorder = LogLikelihoodRecorder(eos) if sampling_like else None
-    processors = LogitsProcessorList([p for p in (recorder, processor) if p is not None])
+    # A trie's renormalized scores are the likelihood to record; a span's masking is not.
+    trie = (processor.table, processor.example_roots) if getattr(processor, "renormalizes", False) else None
+    order = (processor, recorder) if trie is not None else (recorder, processor)
+    processors = LogitsProcessorList([p for p in order if p is not None])
     device = attention_mask.device
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if options.seed is not None:
@@ -390,7 +401,7 @@ def run_generate(
     elif config.output_scores:
         scores = out.sequences_scores
     else:
-        scores = _rescore(model, encoder_outputs, attention_mask, sequences, per_example, ids, length_penalty)
+        scores = _rescore(model, encoder_outputs, attention_mask, sequences, per_example, ids, length_penalty, trie)
     results: list[list[Hypothesis]] = [[] for _ in range(batch_size)]
     for row, (sequence, score) in enumerate(zip(sequences.tolist(), scores.tolist(), strict=True)):
         example = row // per_example
@@ -405,14 +416,16 @@ def run_generate(
     return results
 
 
-def _rescore(model, encoder_outputs, attention_mask, sequences, per_example, ids, length_penalty) -> torch.Tensor:
+def _rescore(
+    model, encoder_outputs, attention_mask, sequences, per_example, ids, length_penalty, trie=None
+) -> torch.Tensor:
     """(R,) beam scores of long outputs: sum of log-probs / length ** length_penalty, by teacher forcing."""
     bos, eos, pad = ids
     candidates = []
     for example in range(attention_mask.shape[0]):
         rows = sequences[example * per_example : (example + 1) * per_example, 1:].tolist()
         candidates.append([row[: row.index(eos) + 1] if eos in row else row for row in rows])
-    totals = torch.cat(score_candidates(model, encoder_outputs, attention_mask, candidates, bos, pad))
+    totals = torch.cat(score_candidates(model, encoder_outputs, attention_mask, candidates, bos, pad, trie=trie))
     lengths = torch.tensor([len(c) for cands in candidates for c in cands], device=totals.device, dtype=totals.dtype)
     return totals / lengths**length_penalty
 
@@ -563,12 +576,15 @@ def score_candidates(
     decoder_start_id: int,
     pad_id: int,
     chunk_tokens: int = 8192,
+    trie: tuple[TrieTable, torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Teacher-forced log-likelihood of every candidate (token ids ending in </s>) of every example.
 
     The encoder states are reused: each (example, candidate) pair selects its example's states, and the
     pairs run through the decoder in chunks of about `chunk_tokens` target tokens (the (n, T, V) logits of
-    a chunk are the memory peak). Returns per example a (n_i,) float tensor."""
+    a chunk are the memory peak). With `trie` = (table, (B,) root per example) each step's log-probabilities
+    are renormalized over the tokens the example's trie allows after the candidate's prefix, as
+    TrieLogitsProcessor scores them. Returns per example a (n_i,) float tensor."""
     hidden = encoder_states(encoder_outputs)
     device = hidden.device
     pairs = [(example, list(c)) for example, cands in enumerate(candidates) for c in cands]
@@ -594,9 +610,28 @@ def score_candidates(
                 use_cache=False,
             ).logits.float()  # (n, T, V)
         valid = labels.ne(-100)
-        picked = logits.gather(-1, labels.clamp(min=0)[..., None])[..., 0] - logits.logsumexp(-1)  # (n, T)
+        if trie is None:
+            picked = logits.gather(-1, labels.clamp(min=0)[..., None])[..., 0] - logits.logsumexp(-1)  # (n, T)
+        else:
+            picked = _trie_log_probs(trie[0], trie[1].index_select(0, rows), logits, labels.clamp(min=0))
         scores[start : start + len(chunk)] = torch.where(valid, picked, torch.zeros_like(picked)).sum(-1)
     return list(scores.split([len(c) for c in candidates]))
+
+
+def _trie_log_probs(table: TrieTable, roots: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(n, T) log-probability of each label renormalized over what the trie allows after the labels before it
+    (-inf for a label the trie does not allow); roots (n,), logits (n, T, V), labels (n, T)."""
+    n, length = labels.shape
+    nodes = [roots]
+    for t in range(1, length):
+        nodes.append(table.step(nodes[-1], labels[:, t - 1]))
+    allowed = table.allowed.index_select(0, torch.stack(nodes, 1).flatten()).view(n, length, -1)  # (n, T, C)
+    log_probs = logits.index_select(-1, table.columns).masked_fill(~allowed, NEG_INF).log_softmax(-1)  # (n, T, C)
+    column = torch.full((logits.shape[-1],), -1, dtype=torch.long, device=logits.device)
+    column[table.columns] = torch.arange(len(table.columns), device=logits.device)
+    label_columns = column[labels]  # (n, T), -1 for a token no sequence of the table uses
+    picked = log_probs.gather(-1, label_columns.clamp(min=0)[..., None])[..., 0]
+    return torch.where(label_columns.ge(0), picked, torch.full_like(picked, NEG_INF))
 
 
 def rank_answers(
@@ -608,9 +643,13 @@ def rank_answers(
     top_k: int = 1,
 ) -> list[list[tuple[str, float]]]:
     """Exhaustive scoring of closed answer sets (OFA's most accurate VQA mode): per example the `top_k`
-    answers with their log-likelihoods, best first."""
+    answers with their log-likelihoods within the set, best first."""
     sequences = [answer_sequences(answers, vocab) for answers in answer_sets]
-    scores = score_candidates(model, encoder_outputs, attention_mask, sequences, vocab.bos_id, vocab.pad_id)
+    table, example_sets = build_trie_table(sequences, vocab.eos_id, vocab.size, attention_mask.device)
+    roots = table.roots[torch.tensor(example_sets, device=attention_mask.device)]
+    scores = score_candidates(
+        model, encoder_outputs, attention_mask, sequences, vocab.bos_id, vocab.pad_id, trie=(table, roots)
+    )
     ranked = []
     for answers, example_scores in zip(answer_sets, scores, strict=True):
         values, order = example_scores.topk(min(top_k, len(answers)))
