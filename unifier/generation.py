@@ -190,6 +190,12 @@ class TrieTable:
         found = self.edge_keys[position] == keys
         return torch.where(found, self.edge_child[position], torch.full_like(nodes, self.DEAD))
 
+    def log_probs(self, nodes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """(...) nodes, (..., V) scores -> (..., C) log-probabilities over `columns`, renormalized over what
+        each node allows (-inf elsewhere; every node allows a token: the dead node allows </s>)."""
+        allowed = self.allowed.index_select(0, nodes.flatten()).view(*nodes.shape, -1)
+        return scores.index_select(-1, self.columns).float().masked_fill(~allowed, NEG_INF).log_softmax(-1)
+
     def walk(self, roots: torch.Tensor, prefixes: torch.Tensor) -> torch.Tensor:
         """(R,) start nodes, (R, T) generated tokens -> (R,) nodes after reading them."""
         nodes = roots
@@ -227,8 +233,6 @@ class TrieLogitsProcessor(LogitsProcessor):
     part of the answer.
     """
 
-    renormalizes = True  # the scores it returns are the closed set's log-probabilities
-
     def __init__(self, table: TrieTable, example_roots: torch.Tensor, prefix_length: int = 1):
         self.table = table
         self.example_roots = example_roots
@@ -238,12 +242,9 @@ class TrieLogitsProcessor(LogitsProcessor):
         rows_per_example = input_ids.shape[0] // self.example_roots.shape[0]
         roots = self.example_roots.repeat_interleave(rows_per_example)  # (R,)
         nodes = self.table.walk(roots, input_ids[:, self.prefix_length :])  # (R,)
-        columns = self.table.columns
-        allowed = self.table.allowed.index_select(0, nodes)  # (R, C)
-        kept = scores.index_select(1, columns).float().masked_fill_(~allowed, NEG_INF)  # (R, C)
-        kept = kept.log_softmax(-1).to(scores.dtype)  # every row allows a token: the dead node allows </s>
+        kept = self.table.log_probs(nodes, scores).to(scores.dtype)  # (R, C)
         # index_select / index_copy_ rather than advanced indexing: the latter's gather / scatter is ~10x slower.
-        return torch.full_like(scores, NEG_INF).index_copy_(1, columns, kept)
+        return torch.full_like(scores, NEG_INF).index_copy_(1, self.table.columns, kept)
 
 
 class SpanLogitsProcessor(LogitsProcessor):
@@ -381,7 +382,7 @@ def run_generate(
     sampling_like = options.samples is not None or options.beams == 1
     recorder = LogLikelihoodRecorder(eos) if sampling_like else None
     # A trie's renormalized scores are the likelihood to record; a span's masking is not.
-    trie = (processor.table, processor.example_roots) if getattr(processor, "renormalizes", False) else None
+    trie = (processor.table, processor.example_roots) if isinstance(processor, TrieLogitsProcessor) else None
     order = (processor, recorder) if trie is not None else (recorder, processor)
     processors = LogitsProcessorList([p for p in order if p is not None])
     device = attention_mask.device
@@ -625,8 +626,7 @@ def _trie_log_probs(table: TrieTable, roots: torch.Tensor, logits: torch.Tensor,
     nodes = [roots]
     for t in range(1, length):
         nodes.append(table.step(nodes[-1], labels[:, t - 1]))
-    allowed = table.allowed.index_select(0, torch.stack(nodes, 1).flatten()).view(n, length, -1)  # (n, T, C)
-    log_probs = logits.index_select(-1, table.columns).masked_fill(~allowed, NEG_INF).log_softmax(-1)  # (n, T, C)
+    log_probs = table.log_probs(torch.stack(nodes, 1), logits)  # (n, T, C)
     column = torch.full((logits.shape[-1],), -1, dtype=torch.long, device=logits.device)
     column[table.columns] = torch.arange(len(table.columns), device=logits.device)
     label_columns = column[labels]  # (n, T), -1 for a token no sequence of the table uses
