@@ -270,6 +270,52 @@ def test_length_groups_cut_batches_and_keep_the_batch_loss(workdir):
             torch.testing.assert_close(combined, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("power", [1.0, 0.0, 0.5])
+def test_train_step_minimises_the_weighted_mean_over_its_micro_batches(workdir, power):
+    """One update over two length groups moves the weights as one SGD step on the whole batch's loss would: the
+    token-mean (power 1), the mean of each example's token-mean (power 0), or between."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from unifier.batching import Collator
+    from unifier.modeling import build_model
+    from unifier.tokenization import load_tokenizer
+    from unifier.train import train_step
+
+    tokenizer = load_tokenizer(workdir / "tokenizer")
+    mixture = load_mixture(MIXTURE)
+    tasks = [build_task_from_config(c, tokenizer) for c, _ in mixture]
+    streams = [TaskStream(c, t, 0, 0, 1) for (c, _), t in zip(mixture, tasks, strict=True)]
+    sampler = MixtureSampler(streams, [1] * len(streams), lambda examples: examples, 0, 0, image_positions=16)
+    examples = sampler.examples(0, 0, 12)
+    collate = Collator(tokenizer, 32, [t.name for t in tasks], drop_text_only_images=False)
+    groups = [collate(g) for g in split_by_length(examples, 2, image_positions=16)]
+    whole = collate(examples)
+    torch.manual_seed(0)
+    model = build_model(workdir / "tiny.yaml", tokenizer)
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    out = model(**whole.model_inputs())
+    lengths = whole["labels"].ne(-100).sum(1).float()
+    assert len(set(lengths.tolist())) > 2  # the weightings differ
+    example_means = out.token_loss.sum(1) / lengths
+    expected_loss = (example_means * lengths**power).sum() / (lengths**power).sum()
+    if power == 1.0:
+        torch.testing.assert_close(expected_loss, out.loss)
+    gradients = torch.autograd.grad(expected_loss, list(model.parameters()), allow_unused=True)
+    try:
+        accelerator = Accelerator(gradient_accumulation_steps=len(groups))
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        train_step(accelerator, model, optimizer, scheduler, groups, max_grad_norm=1e9, length_power=power)
+    finally:
+        AcceleratorState._reset_state(True)
+    for (name, param), grad in zip(model.named_parameters(), gradients, strict=True):
+        step = reference[name] - param.detach()
+        torch.testing.assert_close(step, torch.zeros_like(step) if grad is None else grad, rtol=1e-4, atol=1e-6)
+
+
 # ---- runs ---------------------------------------------------------------------------------------------------------
 def test_plain_loop_run_writes_logs_checkpoints_and_a_loadable_model(workdir, tmp_path):
     from accelerate.state import AcceleratorState

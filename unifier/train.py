@@ -59,6 +59,10 @@ class TrainConfig:
     # Each batch is cut by target length into this many micro-batches, so that the few long targets (text-to-image
     # codes) do not pad every short one; the update is the same token-mean over the whole batch.
     length_groups: int = 2
+    # Each example's token-mean loss weighs (its target tokens) ** loss_length_power in the update. 1: every target
+    # token counts once (the token-mean: a 65-code image outweighs a one-word answer 30 to 1); 0: every example
+    # counts once, so the mixture weights alone set each task's share of the gradient.
+    loss_length_power: float = 1.0
     lr: float = 5e-4
     min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
     warmup_steps: int = 100
@@ -95,6 +99,8 @@ class TrainConfig:
         problems = []
         if self.zero not in (0, 1, 2, 3):
             problems.append(f"zero must be 0, 1, 2 or 3, got {self.zero}")
+        if not 0.0 <= self.loss_length_power <= 1.0:
+            problems.append(f"loss_length_power must lie in [0, 1], got {self.loss_length_power}")
         if self.decay not in ("cosine", "linear", "constant"):
             problems.append(f"decay must be cosine, linear or constant, got {self.decay!r}")
         for name in (
@@ -576,23 +582,29 @@ def validate(model, batches: dict[str, list], device) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The run
-def train_step(accelerator, model, optimizer, scheduler, batches: list, max_grad_norm: float):
+def train_step(
+    accelerator, model, optimizer, scheduler, batches: list, max_grad_norm: float, length_power: float = 1.0
+):
     """One optimizer update over `batches` (its micro-batches: length groups and gradient accumulation).
 
-    The update minimises the token-mean loss over all the micro-batches: each micro-batch's own token-mean is
-    weighted by its share of the target tokens (times their count, which Accelerate / DeepSpeed divide by).
+    The update minimises the weighted mean over all the micro-batches' examples of each example's token-mean
+    loss, an example of n target tokens weighing n ** length_power (1: the token-mean over the whole batch).
+    Each micro-batch's loss is scaled by its share of the total weight (times the micro-batch count, which
+    Accelerate / DeepSpeed divide by).
     Returns ([(loss, token_loss (B, T)) detached, per micro-batch], the gradient norm before clipping). Under
     DeepSpeed the engine clips, steps and counts accumulation itself (the optimizer / scheduler calls are no-ops
     there) and the norm is read from it.
     """
     engine = getattr(accelerator, "deepspeed_engine_wrapped", None)
-    tokens = [int(batch["labels"].ne(-100).sum()) for batch in batches]
-    total_tokens = max(1, sum(tokens))
+    targets = [batch["labels"].ne(-100).sum(1).clamp(min=1).double() for batch in batches]  # (B,) each
+    weights = [n**length_power for n in targets]  # (B,) each
+    total = float(sum(w.sum() for w in weights))
     outputs, grad_norm = [], None
-    for batch, batch_tokens in zip(batches, tokens, strict=True):
+    for batch, n, w in zip(batches, targets, weights, strict=True):
         with accelerator.accumulate(model):
             out = model(**batch.model_inputs())
-            accelerator.backward(out.loss * (batch_tokens * len(batches) / total_tokens))
+            scale = (w / n * (len(batches) / total)).to(out.token_loss.dtype)  # (B,): per token of each example
+            accelerator.backward((out.token_loss.sum(1) * scale).sum())
             if accelerator.sync_gradients and engine is None:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()
@@ -717,7 +729,9 @@ def train(config: TrainConfig) -> Path:
     for step in range(start, config.steps):
         batches = sampler.update_batches(step, config.batch_size, config.grad_accum, config.length_groups)
         batches = [batch.to(accelerator.device) for batch in batches]
-        outputs, grad_norm = train_step(accelerator, model, optimizer, scheduler, batches, config.max_grad_norm)
+        outputs, grad_norm = train_step(
+            accelerator, model, optimizer, scheduler, batches, config.max_grad_norm, config.loss_length_power
+        )
         for batch, (_, token_loss) in zip(batches, outputs, strict=True):
             with torch.no_grad():
                 per_example = token_loss.float().sum(1).double().cpu()
