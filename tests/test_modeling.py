@@ -137,12 +137,11 @@ def test_masked_image_and_padding_do_not_leak(vocab, model):
         assert model(**no_image).encoder_last_hidden_state.shape[1] == 7
 
 
-@pytest.mark.parametrize("registers", [0, 3])
-def test_a_prompt_without_image_encodes_the_same_in_a_text_only_batch(vocab, registers):
+def test_a_prompt_without_image_encodes_the_same_in_a_text_only_batch(vocab):
     """Example 2 has no image: beside images it has P masked patch positions in front; alone (pixel_values None)
-    they are left out, and its logits must not change (its registers and tokens keep their positions P ..)."""
+    they are left out, and its logits must not change (its tokens keep their positions P ..)."""
     torch.manual_seed(3)
-    model = build_model({**TINY, "init_std": 0.2, "memory_registers": registers}, vocab).eval()
+    model = build_model({**TINY, "init_std": 0.2}, vocab).eval()
     inputs = make_inputs(vocab)
     alone = {k: v[2:] for k, v in inputs.items()}
     alone.update(pixel_values=None, image_mask=None)
@@ -150,16 +149,14 @@ def test_a_prompt_without_image_encodes_the_same_in_a_text_only_batch(vocab, reg
         mixed = model(**inputs)
         text_only = model(**alone)
     num_patches = (32 // 8) ** 2
-    assert text_only.encoder_last_hidden_state.shape[1] == registers + 7
-    assert mixed.encoder_last_hidden_state.shape[1] == num_patches + registers + 7
+    assert text_only.encoder_last_hidden_state.shape[1] == 7
     torch.testing.assert_close(
         text_only.encoder_last_hidden_state[0], mixed.encoder_last_hidden_state[2, num_patches:], atol=1e-5, rtol=1e-5
     )
     torch.testing.assert_close(text_only.logits[0], mixed.logits[2], atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match=f"{registers} registers exceeds the encoder's 96 positions"):
+    with pytest.raises(ValueError, match="exceeds the encoder's 96 positions"):
         model(
-            input_ids=torch.ones(1, 96 - num_patches - registers + 1, dtype=torch.long),
-            labels=torch.ones(1, 2, dtype=torch.long),
+            input_ids=torch.ones(1, 96 - num_patches + 1, dtype=torch.long), labels=torch.ones(1, 2, dtype=torch.long)
         )
 
 
@@ -171,18 +168,15 @@ def manual_greedy(model, encoder_outputs, full_mask, steps):
     return ids
 
 
-@pytest.mark.parametrize("registers", [0, 2])
-def test_generate_greedy_and_beam_through_both_encoder_paths(vocab, registers):
+def test_generate_greedy_and_beam_through_both_encoder_paths(vocab):
     torch.manual_seed(1)
-    # a wide init: non-degenerate argmaxes
-    model = build_model({**TINY, "init_std": 0.5, "memory_registers": registers}, vocab).eval()
+    model = build_model({**TINY, "init_std": 0.5}, vocab).eval()  # a wide init: non-degenerate argmaxes
     inputs = make_inputs(vocab)
     prompt = {k: inputs[k] for k in ("pixel_values", "image_mask", "input_ids", "attention_mask")}
     settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
     with torch.no_grad():
         encoder_outputs, full_mask = model.encode(**prompt)
-        assert full_mask.shape == (3, 16 + registers + 7) and full_mask[2, :16].eq(0).all()
-        assert full_mask[0].eq(1).all() and full_mask[:, 16 : 16 + registers].eq(1).all()
+        assert full_mask.shape == (3, 16 + 7) and full_mask[2, :16].eq(0).all() and full_mask[0].eq(1).all()
         expected = manual_greedy(model, encoder_outputs, full_mask, 6)
         assert len(set(expected[:, 1:].flatten().tolist())) > 1
         greedy = model.generate(

@@ -2,16 +2,14 @@
 
 Transformers' one-file-per-model style. The encoder input is
 
-    [image patch embeddings (P = (S / patch)^2)] + [R memory registers] + [prompt token embeddings (L)]
-                                                                                     (B, P + R + L, d_model)
+    [image patch embeddings (P = (S / patch)^2)] + [prompt token embeddings (L)]      (B, P + L, d_model)
 
 where a patch embedding is a small strided-convolution stem's feature (layer-normalised) + a learned row
 embedding + a learned column embedding + the "image" type embedding, and a token embedding is the shared word embedding + the
-"text" type embedding; the registers (config.memory_registers) are learned vectors, the same for every example.
-BART's encoder then adds its own learned 1-D positions over the whole sequence.
+"text" type embedding. BART's encoder then adds its own learned 1-D positions over the whole sequence.
 Examples without an image (text-to-image prompts) keep their P positions but have them masked out; a batch in
-which no example has an image (pixel_values None) leaves the P positions out altogether, its registers and prompt
-tokens keeping the positions P .. P + R + L they have beside an image, so a prompt encodes the same in either kind of batch.
+which no example has an image (pixel_values None) leaves the P positions out altogether, its prompt tokens keeping
+the positions P .. P + L they have beside an image, so a prompt encodes the same in either kind of batch.
 The decoder is BART's, predicting over the one vocabulary (text | bins | codes) with an lm_head tied to the
 shared embedding.
 
@@ -72,10 +70,6 @@ class UnifierConfig(BartConfig):
     patch_size: int = 8
     num_channels: int = 3
     stem_channels: int | None = None  # width of the stem's first conv; None: d_model / 2^(convs - 1)
-    # Learned encoder positions in front of the prompt that every example has. Cross-attention always puts its
-    # weight somewhere; these give a query that matches nothing ("is there a red circle?" when there is none) a
-    # place to go, so that absence can be read from where the attention went.
-    memory_registers: int = 0
     # Row / column embeddings start as "normal" (std POSITION_INIT_STD) or "sincos": sines and cosines of the row
     # (first half of the dimensions) and the column (second half), at the same std. Sinusoids make "further
     # right" a direction in the embedding from the first step, which box corners and "to the left of" read off.
@@ -193,9 +187,6 @@ class UnifierEncoder(BartEncoder):
         super().__init__(config)
         self.image_embeddings = UnifierImageEmbeddings(config)
         self.type_embeddings = nn.Embedding(2, config.d_model)
-        self.register_embeddings = (
-            nn.Embedding(config.memory_registers, config.d_model) if config.memory_registers else None
-        )
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -217,17 +208,12 @@ class UnifierEncoder(BartEncoder):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the encoder input (B, P + R + L, d) and its attention mask (B, P + R + L): image patches (P = 0
-        without pixel_values), the R memory registers, the prompt."""
+        """Returns the encoder input (B, P + L, d) and its attention mask (B, P + L); P = 0 without pixel_values."""
         text = self.embed_tokens(input_ids) + self.type_embeddings.weight[TEXT_TYPE]  # (B, L, d)
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
-        if self.register_embeddings is not None:
-            registers = self.register_embeddings.weight.to(text.dtype)[None].expand(text.shape[0], -1, -1)  # (B, R, d)
-            text = torch.cat([registers, text], dim=1)  # (B, R + L, d)
-            attention_mask = torch.cat([attention_mask.new_ones(registers.shape[:2]), attention_mask], dim=1)
         if pixel_values is None:
-            return text + self._text_position_shift(text.shape[1]), attention_mask
+            return text + self._text_position_shift(input_ids.shape[1]), attention_mask
         pixel_values = pixel_values.to(text.dtype)
         image = self.image_embeddings(pixel_values) + self.type_embeddings.weight[IMAGE_TYPE]  # (B, P, d)
         if image_mask is None:
@@ -236,14 +222,12 @@ class UnifierEncoder(BartEncoder):
         return torch.cat([image, text], dim=1), torch.cat([image_attention, attention_mask], dim=1)
 
     def _text_position_shift(self, length: int) -> torch.Tensor:
-        """(L, d) = position[P + i] - position[i]: BART adds position[i] to the i-th input, so registers + prompt
-        sent without the P patch positions in front of them still get the positions P + i they have after an image.
-        """
+        """(L, d) = position[P + i] - position[i]: BART adds position[i] to the i-th input, so a prompt sent without
+        the P patch positions in front of it still gets the positions P + i it has after an image."""
         num_patches = self.image_embeddings.grid_size**2
         if num_patches + length > self.config.max_position_embeddings:
             raise ValueError(
-                f"a prompt of {length - self.config.memory_registers} tokens after {num_patches} image patches and "
-                f"{self.config.memory_registers} registers exceeds the encoder's "
+                f"a prompt of {length} tokens after {num_patches} image patches exceeds the encoder's "
                 f"{self.config.max_position_embeddings} positions"
             )
         weight, offset = self.embed_positions.weight, self.embed_positions.offset

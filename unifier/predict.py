@@ -240,9 +240,8 @@ class Unifier:
             )
         self.image_size = int(getattr(config, "image_size", 0) or 0)
         num_patches = (self.image_size // config.patch_size) ** 2 if self.image_size else 0
-        # The encoder's learned positions cover image patches + memory registers + prompt tokens.
-        registers = int(getattr(config, "memory_registers", 0) or 0)
-        self.max_prompt_tokens = int(config.max_position_embeddings) - num_patches - registers
+        # The encoder's learned positions cover image patches + prompt tokens.
+        self.max_prompt_tokens = int(config.max_position_embeddings) - num_patches
         self.max_target_tokens = int(config.max_position_embeddings) - 1
         self.task_options = {name: dict(opts) for name, opts in (task_options or {}).items()}
         self._tasks: dict[str, Any] = {}
