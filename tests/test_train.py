@@ -117,6 +117,18 @@ def run_subprocess(cmd: list[str], timeout: int = 400) -> None:
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
 
 
+def mixture_examples(workdir: Path, count: int):
+    """(tokenizer, tasks, the first `count` examples of the shapes mixture drawn with equal weights)."""
+    from unifier.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(workdir / "tokenizer")
+    mixture = load_mixture(MIXTURE)
+    tasks = [build_task_from_config(c, tokenizer) for c, _ in mixture]
+    streams = [TaskStream(c, t, 0, 0, 1) for (c, _), t in zip(mixture, tasks, strict=True)]
+    sampler = MixtureSampler(streams, [1] * len(streams), lambda examples: examples, 0, 0, image_positions=16)
+    return tokenizer, tasks, sampler.examples(0, 0, count)
+
+
 # ---- pieces -------------------------------------------------------------------------------------------------------
 def test_config_file_and_flags(tmp_path):
     parser = build_parser()
@@ -230,14 +242,8 @@ def test_length_groups_cut_batches_and_keep_the_batch_loss(workdir):
     the whole batch (what train_step minimises)."""
     from unifier.batching import Collator
     from unifier.modeling import build_model
-    from unifier.tokenization import load_tokenizer
 
-    tokenizer = load_tokenizer(workdir / "tokenizer")
-    mixture = load_mixture(MIXTURE)
-    tasks = [build_task_from_config(c, tokenizer) for c, _ in mixture]
-    streams = [TaskStream(c, t, 0, 0, 1) for (c, _), t in zip(mixture, tasks, strict=True)]
-    sampler = MixtureSampler(streams, [1] * len(streams), lambda examples: examples, 0, 0, image_positions=16)
-    examples = sampler.examples(0, 0, 24)
+    tokenizer, tasks, examples = mixture_examples(workdir, 24)
     groups = split_by_length(examples, 2, image_positions=16)
     assert len(groups) == 2 and sorted(map(id, groups[0] + groups[1])) == sorted(map(id, examples))
     # Where image positions dominate the cost, the image-less examples (text-to-image prompts) go together.
@@ -279,15 +285,9 @@ def test_train_step_minimises_the_weighted_mean_over_its_micro_batches(workdir, 
 
     from unifier.batching import Collator
     from unifier.modeling import build_model
-    from unifier.tokenization import load_tokenizer
     from unifier.train import train_step
 
-    tokenizer = load_tokenizer(workdir / "tokenizer")
-    mixture = load_mixture(MIXTURE)
-    tasks = [build_task_from_config(c, tokenizer) for c, _ in mixture]
-    streams = [TaskStream(c, t, 0, 0, 1) for (c, _), t in zip(mixture, tasks, strict=True)]
-    sampler = MixtureSampler(streams, [1] * len(streams), lambda examples: examples, 0, 0, image_positions=16)
-    examples = sampler.examples(0, 0, 12)
+    tokenizer, tasks, examples = mixture_examples(workdir, 12)
     collate = Collator(tokenizer, 32, [t.name for t in tasks], drop_text_only_images=False)
     groups = [collate(g) for g in split_by_length(examples, 2, image_positions=16)]
     whole = collate(examples)
