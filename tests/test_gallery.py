@@ -28,6 +28,7 @@ from unifier.gallery import (
     plot_curves,
     read_log,
     render_page,
+    series_colors,
     write_gallery,
 )
 from unifier.tasks.base import BoxOutput, ImageOutput, TextOutput
@@ -170,6 +171,13 @@ def test_log_series_groups_losses_and_validation_metrics(tmp_path):
     # learning rate, gradient norm and throughput are not curves of the page
     names = {name for curves in series.values() for name in curves}
     assert not names & {"lr", "grad_norm", "samples_per_s", "tokens_per_s"}
+    colors = series_colors(series)
+    assert (
+        colors["task_loss/vqa"] == colors["val_loss/vqa"] and colors["task_loss/caption"] == colors["val_loss/caption"]
+    )
+    assert len({colors[name] for name in series["training loss"]}) == len(series["training loss"])
+    many = {"training loss": {f"task_loss/task{i}": [(1.0, 1.0)] for i in range(14)}}
+    assert len(set(series_colors(many).values())) == 14  # past the ten-color cycle too
     png = plot_curves(series, tmp_path / "curves.png")
     with Image.open(png) as image:
         assert image.width > 3 * image.height / 2  # one row of three plots

@@ -167,6 +167,20 @@ def log_series(entries: Sequence[dict[str, Any]]) -> dict[str, dict[str, list[tu
     return {group: series for group, series in groups.items() if series}
 
 
+def series_colors(series: dict[str, dict[str, list[tuple[float, float]]]]) -> dict[str, str]:
+    """A matplotlib color per series name, the same for the series of one task in every plot (the name after its
+    first part: `task_loss/vqa` and `val_loss/vqa` are both "vqa"), so a task is one color across the plots."""
+    keys = sorted({name.split("/", 1)[-1] for curves in series.values() for name in curves})
+    palette = [f"C{i % 10}" for i in range(len(keys))] if len(keys) <= 10 else None
+    if palette is None:  # more tasks than the cycle's ten colors: spread them over a continuous map
+        import matplotlib
+
+        colormap = matplotlib.colormaps["turbo"]
+        palette = [matplotlib.colors.to_hex(colormap(i / (len(keys) - 1))) for i in range(len(keys))]
+    by_key = dict(zip(keys, palette, strict=True))
+    return {name: by_key[name.split("/", 1)[-1]] for curves in series.values() for name in curves}
+
+
 def plot_curves(series: dict[str, dict[str, list[tuple[float, float]]]], out_path: str | Path) -> Path:
     """One row of plots (one per group of log_series) saved as a PNG; losses on a log scale when positive."""
     import matplotlib
@@ -176,6 +190,7 @@ def plot_curves(series: dict[str, dict[str, list[tuple[float, float]]]], out_pat
 
     if not series:
         raise ValueError("plot_curves: no numeric series with a step in the log")
+    colors = series_colors(series)
     fig, axes = plt.subplots(1, len(series), figsize=(5.2 * len(series), 3.8), squeeze=False)
     for ax, (group, curves) in zip(axes[0], series.items(), strict=True):
         for name, points in sorted(curves.items()):
@@ -184,6 +199,7 @@ def plot_curves(series: dict[str, dict[str, list[tuple[float, float]]]], out_pat
                 [p[0] for p in points],
                 [p[1] for p in points],
                 label=name,
+                color=colors[name],
                 linewidth=1.4,
                 marker="." if len(points) < 30 else None,
             )
