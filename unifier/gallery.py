@@ -171,8 +171,9 @@ def series_colors(series: dict[str, dict[str, list[tuple[float, float]]]]) -> di
     """A matplotlib color per series name, the same for the series of one task in every plot (the name after its
     first part: `task_loss/vqa` and `val_loss/vqa` are both "vqa"), so a task is one color across the plots."""
     keys = sorted({name.split("/", 1)[-1] for curves in series.values() for name in curves})
-    palette = [f"C{i % 10}" for i in range(len(keys))] if len(keys) <= 10 else None
-    if palette is None:  # more tasks than the cycle's ten colors: spread them over a continuous map
+    if len(keys) <= 10:
+        palette = [f"C{i}" for i in range(len(keys))]  # matplotlib's default color cycle
+    else:  # more tasks than the cycle's ten colors: spread them over a continuous map
         import matplotlib
 
         colormap = matplotlib.colormaps["turbo"]

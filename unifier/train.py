@@ -57,7 +57,7 @@ class TrainConfig:
     batch_size: int = 32  # examples per micro-batch per process
     grad_accum: int = 1  # batches per update
     # Each batch is cut by target length into this many micro-batches, so that the few long targets (text-to-image
-    # codes) do not pad every short one; the update is the same token-mean over the whole batch.
+    # codes) do not pad every short one; the update is the same weighted mean over the whole batch.
     length_groups: int = 2
     # Each example's token-mean loss weighs (its target tokens) ** loss_length_power in the update. 1: every target
     # token counts once (the token-mean: a 65-code image outweighs a one-word answer 30 to 1); 0: every example
@@ -596,14 +596,14 @@ def train_step(
     there) and the norm is read from it.
     """
     engine = getattr(accelerator, "deepspeed_engine_wrapped", None)
-    targets = [batch["labels"].ne(-100).sum(1).clamp(min=1).double() for batch in batches]  # (B,) each
-    weights = [n**length_power for n in targets]  # (B,) each
-    total = float(sum(w.sum() for w in weights))
+    targets = [batch["labels"].ne(-100).sum(1).double() for batch in batches]  # (B,) each
+    weights = [n.clamp(min=1) ** length_power * n.gt(0) for n in targets]  # (B,) each; no targets: no weight
+    total = max(1e-12, float(sum(w.sum() for w in weights)))
     outputs, grad_norm = [], None
     for batch, n, w in zip(batches, targets, weights, strict=True):
         with accelerator.accumulate(model):
             out = model(**batch.model_inputs())
-            scale = (w / n * (len(batches) / total)).to(out.token_loss.dtype)  # (B,): per token of each example
+            scale = (w / n.clamp(min=1) * (len(batches) / total)).to(out.token_loss.dtype)  # (B,): per target token
             accelerator.backward((out.token_loss.sum(1) * scale).sum())
             if accelerator.sync_gradients and engine is None:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
