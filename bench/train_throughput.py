@@ -98,8 +98,8 @@ def worker(spec: dict) -> None:
     patches = model.config.num_patches
     sampler = MixtureSampler(streams, [w for _, w in mixture], collate, 0, rank, patches)
     steps = spec["warmup"] + spec["steps"]
-    # The micro-batches of each update as training makes them (each batch cut into config.length_groups).
-    updates = [sampler.update_batches(step, config.batch_size, 1, config.length_groups) for step in range(steps)]
+    # The micro-batches of each update as training makes them (one batch cut into config.length_groups).
+    updates = [sampler.update_batches(step, config.batch_size, 1, config.length_groups)[0] for step in range(steps)]
 
     flops = 0.0
     if rank == 0:  # model FLOPs of one update's forward + backward passes, counted on the bare model
@@ -122,7 +122,7 @@ def worker(spec: dict) -> None:
             torch.cuda.synchronize()
         accelerator.wait_for_everyone()
         start = time.perf_counter()
-        train_step(accelerator, model, optimizer, scheduler, batches, config.max_grad_norm)
+        train_step(accelerator, model, optimizer, scheduler, [batches], config.max_grad_norm)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         accelerator.wait_for_everyone()

@@ -32,6 +32,7 @@ from unifier.train import (
     load_config,
     lr_factor,
     split_by_length,
+    train,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,6 +142,17 @@ def test_config_file_and_flags(tmp_path):
         load_config(tmp_path / "bad.yaml")
     with pytest.raises(ValueError, match="zero must be 0, 1, 2 or 3"):
         TrainConfig(zero=4)
+
+
+def test_eval_decoding_is_checked_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match=r"eval_decoding.text_to_image: samples must be >= 1, got 0"):
+        TrainConfig(eval_decoding={"text_to_image": {"samples": 0}})
+    with pytest.raises(ValueError, match=r"eval_decoding.vqa: .*unexpected keyword argument 'beam'"):
+        TrainConfig(eval_decoding={"vqa": {"beam": 3}})
+    config = TrainConfig(output_dir=str(tmp_path / "run"), eval_decoding={"text_to_img": {"samples": 2}})
+    with pytest.raises(ValueError, match=r"eval_decoding names task\(s\) \['text_to_img'\] that the mixture"):
+        train(config)
+    assert not (tmp_path / "run").exists()  # failed before the run folder, the tokenizer and the training
 
 
 def test_presets_start_from_a_base_file(tmp_path):
@@ -277,9 +289,11 @@ def test_length_groups_cut_batches_and_keep_the_batch_loss(workdir):
 
 
 @pytest.mark.parametrize("power", [1.0, 0.0, 0.5])
-def test_train_step_minimises_the_weighted_mean_over_its_micro_batches(workdir, power):
-    """One update over two length groups moves the weights as one SGD step on the whole batch's loss would: the
-    token-mean (power 1), the mean of each example's token-mean (power 0), or between."""
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_train_step_minimises_the_weighted_mean_over_its_micro_batches(workdir, power, accumulate):
+    """One update over two length groups (of one batch: one backward pass; or two accumulated batches of one group
+    each) moves the weights as one SGD step on the whole batch's loss would: the token-mean (power 1), the mean of
+    each example's token-mean (power 0), or between."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -304,13 +318,17 @@ def test_train_step_minimises_the_weighted_mean_over_its_micro_batches(workdir, 
         torch.testing.assert_close(expected_loss, out.loss)
     gradients = torch.autograd.grad(expected_loss, list(model.parameters()), allow_unused=True)
     try:
-        accelerator = Accelerator(gradient_accumulation_steps=len(groups))
+        batches = [[group] for group in groups] if accumulate else [groups]
+        accelerator = Accelerator(gradient_accumulation_steps=len(batches))
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        train_step(accelerator, model, optimizer, scheduler, groups, max_grad_norm=1e9, length_power=power)
+        outputs, _ = train_step(
+            accelerator, model, optimizer, scheduler, batches, max_grad_norm=1e9, length_power=power
+        )
     finally:
         AcceleratorState._reset_state(True)
+    assert [tuple(token_loss.shape) for _, token_loss in outputs] == [tuple(g["labels"].shape) for g in groups]
     for (name, param), grad in zip(model.named_parameters(), gradients, strict=True):
         step = reference[name] - param.detach()
         torch.testing.assert_close(step, torch.zeros_like(step) if grad is None else grad, rtol=1e-4, atol=1e-6)
