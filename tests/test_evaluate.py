@@ -109,6 +109,11 @@ def test_a_whole_mixture(unifier, tmp_path):
     combined = json.loads((tmp_path / "metrics.json").read_text())
     for name, summary in summaries.items():
         assert METRIC_KEYS[summary["task"]] <= set(combined[name]) and summary["records"] == 2
+    more = evaluate_mixture(
+        unifier, REPO / "tasks/shapes/mixture.yaml", limit=1, decoding={"text_to_image": {"samples": 2}}, progress=False
+    )
+    assert more["text_to_image"]["decoding"]["samples"] == 2 and summaries["text_to_image"]["decoding"]["samples"] == 4
+    assert all(more[name]["decoding"] == summaries[name]["decoding"] for name in more if name != "text_to_image")
 
 
 def test_bad_records_are_skipped_and_counted(unifier, tmp_path):

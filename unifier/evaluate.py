@@ -277,10 +277,12 @@ def evaluate_mixture(
     split: str = "val",
     limit: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    decoding: dict[str, dict[str, Any]] | None = None,
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Every task of a mixture file on its own data (`split`, the first `limit` records of each):
-    {task name: evaluate_task's summary}; with out_dir also a combined metrics.json there."""
+    {task name: evaluate_task's summary}; with out_dir also a combined metrics.json there. decoding:
+    {task name: evaluate_task's `decoding` overrides} for some of the tasks."""
     from unifier.predict import Unifier
     from unifier.tasks import load_mixture
 
@@ -290,7 +292,14 @@ def evaluate_mixture(
     summaries = {}
     for config, _ in load_mixture(mixture):
         summaries[config.name] = evaluate_task(
-            unifier, config, out_dir=out_dir, split=split, limit=limit, batch_size=batch_size, progress=progress
+            unifier,
+            config,
+            out_dir=out_dir,
+            split=split,
+            limit=limit,
+            batch_size=batch_size,
+            decoding=(decoding or {}).get(config.name),
+            progress=progress,
         )
     if out_dir is not None and process_group()[0] == 0:
         _write_json(Path(out_dir) / "metrics.json", {name: s["metrics"] for name, s in summaries.items()})
