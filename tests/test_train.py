@@ -24,6 +24,7 @@ from unifier.tokenization.image_tokenizer import ImageTokenizer
 from unifier.tokenization.text import train_text_model
 from unifier.tokenization.vocab import UnifierVocab
 from unifier.train import (
+    DEFAULT_CONFIG,
     MixtureSampler,
     TaskStream,
     TrainConfig,
@@ -160,7 +161,8 @@ def test_presets_start_from_a_base_file(tmp_path):
 
     full = load_config(REPO / "configs/train/full.yaml")
     default = load_config(REPO / "configs/train/shapes.yaml")
-    assert (full.steps, full.output_dir) == (4 * default.steps, "runs/shapes-full")
+    assert full.steps > 4 * default.steps and full.output_dir == "runs/shapes-full"
+    assert full.eval_decoding == {"text_to_image": {"samples": 16}} and not default.eval_decoding
     assert (full.model, full.mixture, full.targets, full.bf16) == (
         default.model,
         default.mixture,
@@ -392,8 +394,10 @@ def test_two_process_zero2_run_learns_checkpoints_and_resumes_exactly(workdir, t
 
     full = tmp_path / "full"
     # The whole main job: training, then every task evaluated (records sharded over the two processes), the
-    # gallery and the results table.
-    main_job = {"checkpoint-every": 4, "final-eval": True, "eval-limit": 6, "gallery-scenes": 1}
+    # gallery and the results table; the preset's file decides how text-to-image is decoded.
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(f"base: {DEFAULT_CONFIG}\neval_decoding:\n  text_to_image: {{samples: 2}}\n")
+    main_job = {"config": preset, "checkpoint-every": 4, "final-eval": True, "eval-limit": 6, "gallery-scenes": 1}
     run_subprocess([*torchrun(), "train.py", *run_args(workdir, full, 8, zero=2, **main_job)])
     uninterrupted = losses(full)
     assert list(uninterrupted) == list(range(1, 9))
@@ -409,16 +413,22 @@ def test_two_process_zero2_run_learns_checkpoints_and_resumes_exactly(workdir, t
         summary = json.loads((full / "eval" / f"{name}_metrics.json").read_text())
         assert summary["processes"] == 2 and summary["count"] == 6, summary
         assert (full / "eval" / f"{name}_results.json").is_file()
+        assert summary["decoding"].get("samples") == {"text_to_image": 2}.get(name), summary["decoding"]
     report = (full / "results.md").read_text()
     assert all(f"| {name} |" in report for name in names) and "2 process(es)" in report
+    assert "- text_to_image decoded with samples 2 (eval_decoding)" in report
     assert (full / "gallery" / "index.html").is_file()
     assert json.loads((full / "model" / "tasks.json").read_text())["vqa"]["answers"][:2] == ["yes", "no"]
 
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(full / "checkpoints", resumed_dir / "checkpoints")
     shutil.rmtree(resumed_dir / "checkpoints" / "step-8")
+    shutil.copy(full / "log.jsonl", resumed_dir / "log.jsonl")  # as if the run had stopped after step 8
+    with pytest.raises(FileExistsError, match=r"already holds a run \(log.jsonl, checkpoints\): continue it with"):
+        train(TrainConfig(output_dir=str(resumed_dir)))
     run_subprocess([*torchrun(), "train.py", *run_args(workdir, resumed_dir, 8, zero=2, resume="latest")])
+    entries = [json.loads(line) for line in (resumed_dir / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in entries if "loss" in e] == list(range(1, 9))  # steps 5-8 redone, each logged once
     resumed = losses(resumed_dir)
-    assert list(resumed) == [5, 6, 7, 8]
     for step, loss in resumed.items():
         assert loss == pytest.approx(uninterrupted[step], rel=1e-5), (resumed, uninterrupted)

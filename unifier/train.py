@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help=f"a TrainConfig YAML (default: {DEFAULT_CONFIG.relative_to(REPO)})")
     parser.add_argument(
         "--preset",
-        help=f"a config of {PRESETS_DIR.relative_to(REPO)}/ by name: shapes (the default), full (four times longer)",
+        help=f"a config of {PRESETS_DIR.relative_to(REPO)}/ by name: shapes (the default), full (12,000 steps)",
     )
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("extra", "targets", "eval_decoding"):
@@ -536,17 +536,32 @@ def resolve_resume(resume: str, run_dir: Path) -> Path:
 class RunLog:
     """log.jsonl (one JSON object a line) on the main process, plus TensorBoard when installed and wanted."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, start_step: int = 0):
+        """start_step: where a resumed run continues; the entries after it are dropped, since the run redoes those
+        steps (the curves would hold them twice)."""
         self.enabled = enabled
         self.path = run_dir / "log.jsonl"
         self.writer = None
+        if enabled and start_step:
+            self._truncate(start_step)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
             except ImportError:  # TensorBoard is optional
                 self.writer = None
+
+    def _truncate(self, step: int) -> None:
+        """Keeps the log's entries up to `step`, rewritten under a temporary name first."""
+        if not self.path.is_file():
+            return
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(kept) < len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
 
     def write(self, entry: dict[str, Any]) -> None:
         if not self.enabled:
@@ -685,9 +700,15 @@ def train(config: TrainConfig) -> Path:
     unknown = sorted(set(config.eval_decoding) - {c.name for c, _ in load_mixture(config.mixture)})
     if unknown:  # before the tokenizer build and the training, not when the evaluation starts
         raise ValueError(f"eval_decoding names task(s) {unknown} that the mixture {config.mixture} does not have")
+    run_dir = Path(config.output_dir)
+    previous = [p.name for p in (run_dir / "log.jsonl", run_dir / "checkpoints", run_dir / "model") if p.exists()]
+    if previous and not config.resume:  # a second run would append to its log and mix the two runs' checkpoints
+        raise FileExistsError(
+            f"{run_dir} already holds a run ({', '.join(previous)}): continue it with --resume latest, or give "
+            "another --output-dir (or remove that folder)"
+        )
     accelerator = make_accelerator(config)
     rank, world = accelerator.process_index, accelerator.num_processes
-    run_dir = Path(config.output_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
@@ -734,7 +755,7 @@ def train(config: TrainConfig) -> Path:
         start = position["step"]
         accelerator.print(f"resumed from {checkpoint} at step {start}")
 
-    log = RunLog(run_dir, accelerator.is_main_process, config.tensorboard)
+    log = RunLog(run_dir, accelerator.is_main_process, config.tensorboard, start_step=start)
     per_step = config.batch_size * config.grad_accum * world
     bar = tqdm(
         total=config.steps, initial=start, disable=not (config.progress and accelerator.is_main_process), unit="step"
@@ -920,6 +941,8 @@ def render_report(config: TrainConfig, table: str, timings: dict, processes: int
         f"- machine: {device}, {processes} process(es), torch {torch.__version__}, Python {platform.python_version()}",
         f"- time: {total / 60:.1f} min ({phases})",
     ]
+    for task, options in config.eval_decoding.items():
+        lines.append(f"- {task} decoded with " + ", ".join(f"{k} {v}" for k, v in options.items()) + " (eval_decoding)")
     if gallery is not None:
         lines.append(f"- gallery: `{gallery}`")
     return "\n".join(lines) + "\n"
