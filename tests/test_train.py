@@ -423,12 +423,17 @@ def test_two_process_zero2_run_learns_checkpoints_and_resumes_exactly(workdir, t
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(full / "checkpoints", resumed_dir / "checkpoints")
     shutil.rmtree(resumed_dir / "checkpoints" / "step-8")
-    shutil.copy(full / "log.jsonl", resumed_dir / "log.jsonl")  # as if the run had stopped after step 8
+    # The log of a run that went on past its last checkpoint (step 4), with losses after it that the resumed run
+    # must replace: a resume that wrote nothing would leave them.
+    stale = [json.loads(line) for line in (full / "log.jsonl").read_text().splitlines()]
+    stale = [{**e, "loss": -1.0} if "loss" in e and e["step"] > 4 else e for e in stale]
+    (resumed_dir / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in stale))
     with pytest.raises(FileExistsError, match=r"already holds a run \(log.jsonl, checkpoints\): continue it with"):
         train(TrainConfig(output_dir=str(resumed_dir)))
     run_subprocess([*torchrun(), "train.py", *run_args(workdir, resumed_dir, 8, zero=2, resume="latest")])
     entries = [json.loads(line) for line in (resumed_dir / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in entries if "loss" in e] == list(range(1, 9))  # steps 5-8 redone, each logged once
     resumed = losses(resumed_dir)
+    assert all(loss > 0 for loss in resumed.values())  # the stale steps 5-8 were replaced
     for step, loss in resumed.items():
         assert loss == pytest.approx(uninterrupted[step], rel=1e-5), (resumed, uninterrupted)
