@@ -229,3 +229,71 @@ def test_generate_rejects_mixed_constraints_and_bad_options(model, vocab):
     for bad in ({"beams": 0}, {"samples": 0}, {"temperature": 0}, {"top_p": 1.5}, {"top_k": 0}):
         with pytest.raises(ValueError):
             DecodingOptions(**bad)
+
+
+def guided_greedy_by_brute_force(model, conditional, unconditional, scale, allowed, count):
+    """Per row: `count` greedy steps, each from full teacher-forced passes of the prefix under both prompts."""
+    (states, mask), (u_states, u_mask) = conditional, unconditional
+    rows = states.last_hidden_state.shape[0]
+    u_states = u_states.last_hidden_state.expand(rows, -1, -1)
+    prefix = torch.full((rows, 1), 1)
+    with torch.no_grad():
+        for _ in range(count):
+            c = model(encoder_outputs=(states.last_hidden_state,), attention_mask=mask, decoder_input_ids=prefix)
+            u = model(encoder_outputs=(u_states,), attention_mask=u_mask.expand(rows, -1), decoder_input_ids=prefix)
+            c, u = c.logits[:, -1].log_softmax(-1), u.logits[:, -1].log_softmax(-1)
+            guided = u + scale * (c - u)
+            guided[:, [t for t in range(guided.shape[1]) if t not in allowed]] = float("-inf")
+            prefix = torch.cat([prefix, guided.argmax(-1, keepdim=True)], dim=1)
+    return prefix[:, 1:].tolist()
+
+
+def test_guided_decoding_mixes_the_two_prompts_distributions_at_every_step(model, vocab):
+    conditional, unconditional = encoded(model, 3), encoded(model, 1, seed=5)
+    greedy = DecodingOptions(beams=1, guidance_scale=3.0)
+    results = generate(model, *conditional, [ExactCodes(12)] * 3, vocab, greedy, unconditional)
+    expected = guided_greedy_by_brute_force(model, conditional, unconditional, 3.0, set(vocab.code_range), 12)
+    assert [r[0].ids for r in results] == expected
+    plain = generate(model, *conditional, [ExactCodes(12)] * 3, vocab, DecodingOptions(beams=1))
+    assert [r[0].ids for r in results] != [r[0].ids for r in plain]  # guidance changed something
+    # Scale 1 is the conditional model; scale 0 the unconditional one, for every example alike.
+    same = generate(
+        model, *conditional, [ExactCodes(12)] * 3, vocab, DecodingOptions(beams=1, guidance_scale=1.0), None
+    )
+    assert [r[0].ids for r in same] == [r[0].ids for r in plain]
+    zero = generate(
+        model, *conditional, [ExactCodes(12)] * 3, vocab, DecodingOptions(beams=1, guidance_scale=0.0), unconditional
+    )
+    alone = generate(model, *unconditional, [ExactCodes(12)], vocab, DecodingOptions(beams=1))
+    assert [r[0].ids for r in zero] == [alone[0][0].ids] * 3
+
+
+def test_guided_samples_are_scored_by_the_unguided_model(model, vocab):
+    conditional, unconditional = encoded(model, 2), encoded(model, 2, seed=5)  # one unconditional row per example
+    options = DecodingOptions(samples=3, seed=1, guidance_scale=2.5)
+    results = generate(model, *conditional, [ExactCodes(9)] * 2, vocab, options, unconditional)
+    again = generate(model, *conditional, [ExactCodes(9)] * 2, vocab, options, unconditional)
+    assert [[h.ids for h in r] for r in results] == [[h.ids for h in r] for r in again]
+    candidates = [[[*h.ids, vocab.eos_id] for h in hypotheses] for hypotheses in results]
+    rescored = score_candidates(model, *conditional, candidates, vocab.bos_id, vocab.pad_id)
+    for hypotheses, scores in zip(results, rescored, strict=True):
+        assert len(hypotheses) == 3 and all(
+            len(h.ids) == 9 and all(vocab.is_code(t) for t in h.ids) for h in hypotheses
+        )
+        assert sorted(h.score for h in hypotheses) == pytest.approx(sorted(scores.tolist()), abs=2e-3)
+
+
+def test_guidance_is_refused_where_it_cannot_work(model, vocab):
+    conditional, unconditional = encoded(model, 2), encoded(model, 1, seed=5)
+    with pytest.raises(ValueError, match="not beam search"):
+        DecodingOptions(beams=3, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="guidance_scale must be >= 0"):
+        DecodingOptions(samples=2, guidance_scale=-1.0)
+    guided = DecodingOptions(samples=2, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="unconditional prompt's encoder outputs"):
+        generate(model, *conditional, [ExactCodes(4)] * 2, vocab, guided)
+    with pytest.raises(ValueError, match="applies to spans"):
+        generate(model, *conditional, [FreeText(4)] * 2, vocab, guided, unconditional)
+    three = encoded(model, 3, seed=5)
+    with pytest.raises(ValueError, match="3 unconditional prompts for 4 rows"):
+        generate(model, *conditional, [ExactCodes(4)] * 2, vocab, guided, three)

@@ -6,6 +6,7 @@ The multi-process and DeepSpeed runs launch `train.py` (or torchrun) as subproce
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -208,6 +209,38 @@ def test_streams_resume_exactly_and_ranks_see_different_scenes(workdir):
     assert {r.image_id for r in (other.next_example().record for _ in range(8))}.isdisjoint(
         {r.image_id for r in (TaskStream(config, task, 0, 0, 2).next_example().record for _ in range(8))}
     )
+
+
+def test_text_to_image_streams_drop_captions_at_the_configured_rate(workdir):
+    from unifier.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(workdir / "tokenizer")
+    config, _ = next(entry for entry in load_mixture(MIXTURE) if entry[0].kind == "text_to_image")
+
+    def stream(dropout):
+        task = build_task_from_config(dataclasses.replace(config, options={"caption_dropout": dropout}), tokenizer)
+        return task, TaskStream(config, task, seed=0, rank=0, world_size=1)
+
+    task, dropping = stream(0.25)
+    _, keeping = stream(0.0)
+    unconditional = task.unconditional_prompt_ids()
+    assert tokenizer.vocab.decode_text(unconditional[1:-1]).strip() == "what is the complete image? caption:"
+    dropped = 0
+    for _ in range(160):
+        example, full = dropping.next_example(), keeping.next_example()
+        assert example.target_ids == full.target_ids  # the same scenes in the same order, captions or not
+        if example.prompt_ids == unconditional:
+            dropped += 1
+        else:
+            assert example.prompt_ids == full.prompt_ids and len(full.prompt_ids) > len(unconditional)
+    assert 0.15 < dropped / 160 < 0.35
+    state = dropping.state_dict()
+    expected = [dropping.next_example().prompt_ids for _ in range(12)]
+    resumed = stream(0.25)[1]
+    resumed.load_state_dict(state)
+    assert [resumed.next_example().prompt_ids for _ in range(12)] == expected
+    with pytest.raises(ValueError, match=r"caption_dropout must be in \[0, 1\), got 1"):
+        stream(1)
 
 
 def test_finite_sources_cycle_in_per_epoch_orders(workdir, monkeypatch):

@@ -385,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, help="sampling: keep the k most likely tokens")
     parser.add_argument("--top-p", type=float, help="sampling: nucleus probability mass")
     parser.add_argument("--seed", type=int, help="sampling seed")
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        help="text-to-image: classifier-free guidance scale (1: none; default: the task file's)",
+    )
     parser.add_argument("--closed-set", choices=("beam", "score"), help="answer sets: beam search or exhaustive")
     parser.add_argument("--out", default="runs/eval", help="folder for the results and metrics (default runs/eval)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available; the local rank's GPU)")
@@ -419,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             "top_k": args.top_k,
             "top_p": args.top_p,
             "seed": args.seed,
+            "guidance_scale": args.guidance_scale,
         }
         summary = evaluate_task(
             unifier,

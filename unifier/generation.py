@@ -61,6 +61,9 @@ class DecodingOptions:
     num_return: int = 1  # beam search: hypotheses returned per example (at most `beams`)
     max_new_tokens: int | None = None  # free text: overrides the constraint's budget
     length_penalty: float | None = None  # beam search; None: 1.0 for free text, 0.0 for closed sets and spans
+    # Classifier-free guidance: log p_u + scale * (log p_c - log p_u), p_u given the task's unconditional prompt
+    # (text-to-image trained with caption_dropout). None or 1: none; > 1 follows the prompt more closely.
+    guidance_scale: float | None = None
 
     def __post_init__(self):
         if self.beams < 1:
@@ -75,6 +78,15 @@ class DecodingOptions:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.num_return < 1:
             raise ValueError(f"num_return must be >= 1, got {self.num_return}")
+        if self.guidance_scale is not None and not self.guidance_scale >= 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.guided and self.samples is None and self.beams > 1:
+            # Beam search reorders rows between steps; the unconditional pass's cache would not follow them.
+            raise ValueError("guidance_scale needs sampling (samples) or greedy search (beams 1), not beam search")
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale is not None and self.guidance_scale != 1.0
 
 
 # A task file's `decoding:` keys (Hugging Face's names) -> DecodingOptions fields.
@@ -87,12 +99,13 @@ _CONFIG_KEYS = {
     "seed": "seed",
     "max_new_tokens": "max_new_tokens",
     "length_penalty": "length_penalty",
+    "guidance_scale": "guidance_scale",
 }
 
 
 def decoding_options(decoding: dict[str, Any] | None = None, **overrides: Any) -> DecodingOptions:
     """DecodingOptions from a task file's `decoding:` mapping (num_beams, do_sample, num_candidates, top_k,
-    top_p, temperature, seed, max_new_tokens, length_penalty, num_return_sequences), then `overrides`
+    top_p, temperature, seed, max_new_tokens, length_penalty, num_return_sequences, guidance_scale), then `overrides`
     (DecodingOptions field names; None values are ignored). Unknown keys are an error naming them."""
     decoding = dict(decoding or {})
     unknown = sorted(set(decoding) - set(_CONFIG_KEYS) - {"do_sample", "num_candidates"})
@@ -304,6 +317,45 @@ class LogLikelihoodRecorder(LogitsProcessor):
         return self.total
 
 
+class ClassifierFreeGuidanceProcessor(LogitsProcessor):
+    """Classifier-free guidance (Ho & Salimans 2022) for an encoder-decoder: each step's scores become
+    log p_u + scale * (log p_c - log p_u), p_c the model's distribution (the scores it is given) and p_u the
+    model's next-token distribution for the same decoded prefix given the unconditional prompt's encoder states.
+
+    Written here because transformers' UnbatchedClassifierFreeGuidanceLogitsProcessor calls a decoder-only model
+    on prompt ids; an encoder-decoder needs the second decoder pass over other encoder states, with its own cache.
+    The states are (1 or B, S_u, d): one unconditional prompt for all rows, or one per example (each example's
+    rows are adjacent in generate). Rows stay in place in sampling and greedy search, which the cache relies on.
+    """
+
+    def __init__(self, model: Any, encoder_outputs: Any, attention_mask: torch.Tensor, scale: float):
+        self.model, self.scale = model, scale
+        self.states = encoder_states(encoder_outputs)  # (1 or B, S_u, d)
+        self.mask = attention_mask  # (1 or B, S_u)
+        self.cache: Any = None
+        self.seen = 0  # decoder positions already in the cache
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows = input_ids.shape[0]
+        if self.states.shape[0] != rows:
+            if rows % self.states.shape[0]:
+                raise ValueError(f"guidance: {self.states.shape[0]} unconditional prompts for {rows} rows")
+            repeat = rows // self.states.shape[0]
+            self.states = self.states.repeat_interleave(repeat, dim=0)
+            self.mask = self.mask.repeat_interleave(repeat, dim=0)
+        out = self.model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=self.states),
+            attention_mask=self.mask,
+            decoder_input_ids=input_ids[:, self.seen :],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache, self.seen = out.past_key_values, input_ids.shape[1]
+        conditional = torch.log_softmax(scores.float(), dim=-1)  # (R, V)
+        unconditional = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (R, V)
+        return (unconditional + self.scale * (conditional - unconditional)).to(scores.dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Running generate
 # ---------------------------------------------------------------------------------------------------------------------
@@ -371,11 +423,14 @@ def run_generate(
     ids: tuple[int, int, int],
     length_penalty: float,
     keep: Callable[[int, list[int]], bool] | None = None,
+    unconditional: tuple[Any, torch.Tensor] | None = None,
 ) -> list[list[Hypothesis]]:
     """One `generate` call with `processor`; per example its hypotheses, best first.
 
     ids = (decoder start, eos, pad); keep(example, ids) filters results (beam search fills missing slots
-    with unreachable sequences when a closed set is smaller than the beam)."""
+    with unreachable sequences when a closed set is smaller than the beam); unconditional = (encoder outputs,
+    mask) of the unconditional prompt when `options` guide. A sampled hypothesis's score is its log-likelihood
+    under the unguided model."""
     bos, eos, pad = ids
     batch_size = attention_mask.shape[0]
     config = _generation_config(max_new_tokens, options, length_penalty, ids)
@@ -383,7 +438,13 @@ def run_generate(
     recorder = LogLikelihoodRecorder(eos) if sampling_like else None
     # A trie's renormalized scores are the likelihood to record; a span's masking is not.
     trie = (processor.table, processor.example_roots) if isinstance(processor, TrieLogitsProcessor) else None
-    order = (processor, recorder) if trie is not None else (recorder, processor)
+    guidance = None
+    if options.guided:
+        if unconditional is None:
+            raise ValueError("guidance_scale needs the unconditional prompt's encoder outputs")
+        guidance = ClassifierFreeGuidanceProcessor(model, *unconditional, options.guidance_scale)
+    # The recorder sees the model's own scores; guidance comes before the constraint so that masked tokens stay out.
+    order = (processor, recorder) if trie is not None else (recorder, guidance, processor)
     processors = LogitsProcessorList([p for p in order if p is not None])
     device = attention_mask.device
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -477,6 +538,7 @@ def decode_span(
     ids: tuple[int, int, int],
     vocab_size: int,
     options: DecodingOptions,
+    unconditional: tuple[Any, torch.Tensor] | None = None,
 ) -> list[list[Hypothesis]]:
     """Generate exactly `count` tokens from `allowed`, then </s> (boxes: the bin range; images: the codes)."""
     bos, eos, pad = ids
@@ -492,6 +554,7 @@ def decode_span(
         ids,
         length_penalty,
         keep=lambda example, generated: len(generated) == count and all(t in allowed for t in generated),
+        unconditional=unconditional,
     )
 
 
@@ -532,11 +595,14 @@ def generate(
     constraints: Sequence[Constraint],
     vocab: Any,
     options: DecodingOptions | None = None,
+    unconditional: tuple[Any, torch.Tensor] | None = None,
 ) -> list[list[Hypothesis]]:
     """Decode a batch whose examples share one constraint kind (answer sets may differ per example).
 
     encoder_outputs / attention_mask: from `encode_batch` (B examples). Returns, per example, up to
-    `options.num_return` (beam search) or `options.samples` (sampling) hypotheses, best first."""
+    `options.num_return` (beam search) or `options.samples` (sampling) hypotheses, best first. Guided
+    decoding (`options.guidance_scale`) takes `unconditional`, the `encode_batch` output of the unconditional
+    prompt (1 or B rows), and applies to spans (text-to-image codes)."""
     options = options or DecodingOptions()
     kinds = {type(c) for c in constraints}
     if len(kinds) != 1:
@@ -545,6 +611,8 @@ def generate(
         raise ValueError(f"generate: {len(constraints)} constraints for a batch of {attention_mask.shape[0]}")
     ids = (vocab.bos_id, vocab.eos_id, vocab.pad_id)
     first = constraints[0]
+    if options.guided and not isinstance(first, (ExactBins, ExactCodes)):
+        raise ValueError(f"generate: guidance_scale applies to spans (text-to-image codes), not {type(first).__name__}")
     if isinstance(first, AnswerSet):
         sets = [answer_sequences(c.answers, vocab) for c in constraints]
         return decode_closed_sets(model, encoder_outputs, attention_mask, sets, ids, vocab.size, options)
@@ -555,7 +623,9 @@ def generate(
         allowed = vocab.bin_range if isinstance(first, ExactBins) else vocab.code_range
         if len(allowed) == 0:
             raise ValueError(f"generate: the vocabulary has no tokens for {type(first).__name__} ({vocab!r})")
-        return decode_span(model, encoder_outputs, attention_mask, allowed, first.count, ids, vocab.size, options)
+        return decode_span(
+            model, encoder_outputs, attention_mask, allowed, first.count, ids, vocab.size, options, unconditional
+        )
     if isinstance(first, FreeText):
         budget = options.max_new_tokens or max(c.max_new_tokens for c in constraints)
         return decode_free_text(

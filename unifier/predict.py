@@ -412,7 +412,10 @@ class Unifier:
                 return [[TextOutput(answer, score) for answer, score in answers] for answers in ranked]
             if isinstance(constraints[0], ExactCodes) and constraints[0].count + 1 > self.max_target_tokens:
                 raise PredictError(f"{constraints[0].count} image codes exceed the decoder's {self.max_target_tokens}")
-            hypotheses = generate(self.model, encoder_outputs, attention_mask, constraints, self.vocab, options)
+            unconditional = self._unconditional(task) if options.guided else None
+            hypotheses = generate(
+                self.model, encoder_outputs, attention_mask, constraints, self.vocab, options, unconditional
+            )
         outputs = []
         for example, found in zip(examples, hypotheses, strict=True):
             decoded = []
@@ -427,6 +430,18 @@ class Unifier:
         if task != FREE and task.name == "text_to_image" and rerank and options.samples and options.samples > 1:
             self._rerank(examples, outputs)
         return outputs
+
+    def _unconditional(self, task: Any) -> tuple[Any, Any]:
+        """The encoder outputs and mask of `task`'s unconditional prompt (one row), for guided decoding."""
+        from unifier.generation import encode_batch
+
+        name = "free" if task == FREE else task.name
+        try:
+            prompt_ids = task.unconditional_prompt_ids()
+        except (AttributeError, NotImplementedError):
+            raise PredictError(f"guidance_scale: task {name} has no unconditional prompt (text_to_image has)") from None
+        example = Example(task=name, prompt_ids=prompt_ids, image=None, target_ids=[self.vocab.eos_id])
+        return encode_batch(self.model, self.collator([example]).to(self.device))
 
     def _rerank(self, examples: Sequence[Example], outputs: list[list[Output]]) -> None:
         """Order each example's generated images by log p(caption | image) under the caption prompt."""
@@ -470,11 +485,13 @@ class Unifier:
         closed_set: str = "beam",
         rerank: bool = True,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        guidance_scale: float | None = None,
     ) -> Output | list:
         """Answer one prompt (an image path, PIL image or array; a string) or a batch (lists of the same length;
         a single image is shared by every prompt). Returns TextOutput / BoxOutput (pixels of the input image) /
         ImageOutput (PIL image + codes), each with `score` (log-likelihood); a list of outputs for one prompt
-        when samples > 1 or num_return > 1 (best first: text-to-image samples by their caption rerank score)."""
+        when samples > 1 or num_return > 1 (best first: text-to-image samples by their caption rerank score).
+        guidance_scale: classifier-free guidance of text-to-image sampling (None or 1: none)."""
         from unifier.generation import DecodingOptions
 
         single = prompt is None or isinstance(prompt, str)
@@ -499,6 +516,7 @@ class Unifier:
                 seed=seed,
                 num_return=num_return,
                 max_new_tokens=max_new_tokens,
+                guidance_scale=guidance_scale,
             )
         except ValueError as e:
             raise PredictError(str(e)) from e
@@ -553,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, help="sampling: keep the k most likely tokens")
     parser.add_argument("--top-p", type=float, help="sampling: nucleus probability mass")
     parser.add_argument("--seed", type=int, help="sampling seed")
+    parser.add_argument("--guidance-scale", type=float, help="text-to-image: classifier-free guidance (1: none)")
     parser.add_argument("--closed-set", choices=("beam", "score"), default="beam", help="answer sets: beam or score")
     parser.add_argument("--out", help="where to save a box drawn on the image, or the generated image(s) (PNG)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -640,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
             top_p=args.top_p,
             seed=args.seed,
             closed_set=args.closed_set,
+            guidance_scale=args.guidance_scale,
         )
     except (_Usage, ValueError, OSError) as e:
         print(f"unifier predict: error: {e}", file=sys.stderr)

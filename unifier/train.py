@@ -333,7 +333,10 @@ class TaskStream:
             # A record with several targets (a caption's references) gives one, chosen by the stream position.
             choice = np.random.default_rng([self.seed, self.rank, s["served"], _stable_hash(self.name)])
             s["served"] += 1
-            return examples[int(choice.integers(len(examples)))]
+            example = examples[int(choice.integers(len(examples)))]
+            if self.task.prompt_dropout and choice.random() < self.task.prompt_dropout:
+                example = dataclasses.replace(example, prompt_ids=self.task.unconditional_prompt_ids())
+            return example
 
     def state_dict(self) -> dict[str, int]:
         return dict(self.state)

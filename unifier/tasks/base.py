@@ -144,5 +144,13 @@ class UnifierTask(ABC):
         """The examples one record gives for training (caption: one per reference caption); default one."""
         return [self.example(record)]
 
+    # Training: the share of examples whose prompt the stream swaps for unconditional_prompt_ids(), so that the
+    # model also learns the unconditional distribution that classifier-free guidance contrasts with.
+    prompt_dropout: float = 0.0
+
+    def unconditional_prompt_ids(self) -> list[int]:
+        """Encoder text ids of the prompt without its condition (text-to-image: the instruction, no caption)."""
+        raise NotImplementedError(f"task {self.name} has no unconditional prompt")
+
     def meta(self, record: Record) -> dict[str, Any]:
         return {}

@@ -13,7 +13,9 @@ class TextToImageTask(UnifierTask):
     """No image input; target: `record.codes`, or the image tokenizer's codes of `record.image`, then </s>.
 
     Options: `image_tokenizer` (an ImageTokenizer: encodes targets from pixels and decodes generated codes
-    to a PIL image), `num_codes` (G when there is no image tokenizer: the length of the code grid).
+    to a PIL image), `num_codes` (G when there is no image tokenizer: the length of the code grid),
+    `caption_dropout` (the share of training examples shown without their caption, which classifier-free
+    guidance needs: decoding's `guidance_scale`).
     """
 
     name = "text_to_image"
@@ -31,9 +33,15 @@ class TextToImageTask(UnifierTask):
             self.num_codes = int(options["num_codes"])
         else:
             self.num_codes = None
+        self.prompt_dropout = float(options.get("caption_dropout", 0.0))
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ValueError(f"text_to_image: caption_dropout must be in [0, 1), got {options['caption_dropout']!r}")
 
     def prompt(self, record: TextToImageRecord) -> str:
         return f"{self.PROMPT} {record.caption}"
+
+    def unconditional_prompt_ids(self) -> list[int]:
+        return self.encode_prompt(self.PROMPT)
 
     def codes(self, record: TextToImageRecord) -> list[int]:
         """The record's codes: given, or encoded from its image (under no_grad, by the image tokenizer)."""
