@@ -213,6 +213,12 @@ def test_the_free_prompt_returns_each_kind_of_output(unifier):
     assert [label for _, label in outputs] == [
         f"sample {j + 1} (rerank {o.rerank_score:.2f})" for j, o in enumerate(again)
     ]
+    guided = model.text_to_image("a small red circle", 3, 7, 2000.0)
+    prompt = " what is the complete image? caption: a small red circle"
+    again = unifier.predict(prompt=prompt, samples=3, seed=7, guidance_scale=2000.0)
+    assert [label for _, label in guided] == [
+        f"sample {j + 1} (rerank {o.rerank_score:.2f})" for j, o in enumerate(again)
+    ]
 
 
 def test_bad_requests_are_clear_errors(unifier):

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from unifier.data.shapes import corpus, make_scene
+from unifier.generation import DecodingOptions, encode_batch, generate
 from unifier.predict import (
     FREE,
     TASK_NAMES,
@@ -26,7 +27,7 @@ from unifier.predict import (
     write_task_options,
 )
 from unifier.tasks import load_task_config
-from unifier.tasks.base import BoxOutput, ImageOutput, TextOutput
+from unifier.tasks.base import BoxOutput, Example, ImageOutput, TextOutput
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -192,6 +193,20 @@ def test_text_to_image_samples_are_reranked_by_the_caption_likelihood(unifier):
     single = unifier.predict(prompt=prompt, beams=2)
     assert isinstance(single, ImageOutput) and single.rerank_score is None
 
+    # Guidance contrasts the caption with the bare instruction. Random weights tell the two apart by ~1e-4 in log-prob,
+    # so the scale is huge: the same seed then draws other images, exactly those of a direct guided generate call.
+    guided = unifier.predict(prompt=prompt, samples=3, seed=0, top_k=8, guidance_scale=2000.0)
+    assert len(guided) == 3 and all(len(s.codes) == 16 for s in guided)
+    assert {s.codes for s in guided} != {s.codes for s in samples}
+    task = unifier.task("text_to_image")
+    bare = Example("text_to_image", task.encode_prompt(" what is the complete image? caption:"), None, [2])
+    encoded = [encode_batch(unifier.model, unifier.collator([e])) for e in (unifier.request(prompt).example, bare)]
+    options = DecodingOptions(samples=3, seed=0, top_k=8, guidance_scale=2000.0)
+    direct = generate(unifier.model, *encoded[0], [task.constraint()], unifier.vocab, options, encoded[1])[0]
+    assert {tuple(unifier.vocab.codes_of(h.ids)) for h in direct} == {s.codes for s in guided}
+    unguided = unifier.predict(prompt=prompt, samples=3, seed=0, top_k=8, guidance_scale=1.0)
+    assert [s.codes for s in unguided] == [s.codes for s in samples]
+
 
 def test_a_batch_of_mixed_prompts_answers_like_single_calls(unifier, scene_png):
     prompts = [
@@ -227,6 +242,8 @@ def test_closed_sets_can_be_scored_exhaustively(unifier, scene_png):
         ({"image": "SCENE", "prompt": " what does the region describe?"}, "needs a region"),
         ({"image": "SCENE", "prompt": " what does the region describe? region: 9,9,2,2"}, "empty or inverted"),
         ({"image": "SCENE", "prompt": " is it red?", "beams": 0}, "beams"),
+        ({"image": "SCENE", "prompt": " is it red?", "samples": 2, "guidance_scale": 3.0}, "no unconditional prompt"),
+        ({"prompt": " what is the complete image? caption: a red circle", "guidance_scale": 3.0}, "not beam search"),
     ],
 )
 def test_bad_requests_fail_with_a_clear_message(unifier, scene_png, kwargs, message):

@@ -121,11 +121,19 @@ class DemoModel:
         verdict = self.predict(self.need_image(image), task_prompt("entailment", hypothesis), "entailment").text
         return ENTAILMENT_WORDS.get(verdict, verdict)
 
-    def text_to_image(self, caption: str, samples: float, seed: float) -> list[tuple[Any, str]]:
+    def text_to_image(
+        self, caption: str, samples: float, seed: float, guidance: float | None = None
+    ) -> list[tuple[Any, str]]:
+        """guidance: classifier-free guidance scale (None or 1: none; needs a model trained with caption_dropout)."""
         caption = self.need_text(caption, "caption")
         samples = int(min(MAX_SAMPLES, max(1, samples or 1)))
         outputs = self.predict(
-            None, task_prompt("text_to_image", caption), "text_to_image", samples=samples, seed=int(seed or 0)
+            None,
+            task_prompt("text_to_image", caption),
+            "text_to_image",
+            samples=samples,
+            seed=int(seed or 0),
+            guidance_scale=None if guidance is None else float(guidance),
         )
         return [(enlarge(o.image, PANEL_SIZE), self._image_label(j, o)) for j, o in enumerate(as_list(outputs))]
 
@@ -259,6 +267,7 @@ def build_demo(unifier: Any, split: str = "val", image_size: int | None = None) 
                 with gr.Row():
                     samples = gr.Slider(1, MAX_SAMPLES, value=4, step=1, label="samples", elem_id="t2i-samples")
                     seed = gr.Number(label="seed", value=0, precision=0, elem_id="t2i-seed")
+                    guidance = gr.Number(label="guidance scale (1: none)", value=1.0, elem_id="t2i-guidance")
                 t2i_button = gr.Button("generate", variant="primary", elem_id="t2i-run")
                 t2i_out = gr.Gallery(
                     label="generated images", columns=MAX_SAMPLES // 2, format="png", elem_id="t2i-out"
@@ -294,7 +303,7 @@ def build_demo(unifier: Any, split: str = "val", image_size: int | None = None) 
         )
         region_button.click(_errors_to_gradio(model.region_caption), [image, *corners], [region_image, region_out])
         entailment_button.click(_errors_to_gradio(model.entailment), [image, hypothesis], entailment_out)
-        t2i_button.click(_errors_to_gradio(model.text_to_image), [t2i_caption, samples, seed], t2i_out)
+        t2i_button.click(_errors_to_gradio(model.text_to_image), [t2i_caption, samples, seed, guidance], t2i_out)
         free_button.click(
             _errors_to_gradio(model.free_prompt), [image, use_image, prompt], [free_text, free_image, free_gallery]
         )
