@@ -140,6 +140,10 @@ def test_cli_with_a_task_file_and_with_data(model_dir, shapes_dir, tmp_path, cap
     results = json.loads((tmp_path / "vqa_results.json").read_text())
     assert len(results) == len(records_from_paths("vqa", [str(shapes_dir)], "val"))
     assert {r["answer"] for r in results} <= answers
+    t2i = ["--task", str(REPO / "tasks/shapes/text_to_image.yaml"), "--limit", "2", "--samples", "2"]
+    assert main([*args, *t2i, "--guidance-scale", "3"]) == 0
+    metrics = json.loads((tmp_path / "text_to_image_metrics.json").read_text())
+    assert metrics["decoding"]["guidance_scale"] == 3.0 and metrics["decoding"]["samples"] == 2
 
 
 @pytest.mark.parametrize(

@@ -163,7 +163,7 @@ def test_presets_start_from_a_base_file(tmp_path):
     full = load_config(REPO / "configs/train/full.yaml")
     default = load_config(REPO / "configs/train/shapes.yaml")
     assert full.steps > 4 * default.steps and full.output_dir == "runs/shapes-full"
-    assert full.eval_decoding == {"text_to_image": {"samples": 16}} and not default.eval_decoding
+    assert full.eval_decoding == {"text_to_image": {"samples": 16, "guidance_scale": 3.0}} and not default.eval_decoding
     assert (full.model, full.mixture, full.targets, full.bf16) == (
         default.model,
         default.mixture,
