@@ -435,12 +435,11 @@ class Unifier:
         """The encoder outputs and mask of `task`'s unconditional prompt (one row), for guided decoding."""
         from unifier.generation import encode_batch
 
-        name = "free" if task == FREE else task.name
-        try:
-            prompt_ids = task.unconditional_prompt_ids()
-        except (AttributeError, NotImplementedError):
-            raise PredictError(f"guidance_scale: task {name} has no unconditional prompt (text_to_image has)") from None
-        example = Example(task=name, prompt_ids=prompt_ids, image=None, target_ids=[self.vocab.eos_id])
+        prompt_ids = None if task == FREE else task.unconditional_prompt_ids()
+        if prompt_ids is None:
+            name = FREE if task == FREE else task.name
+            raise PredictError(f"guidance_scale: task {name} has no unconditional prompt (text_to_image has)")
+        example = Example(task=task.name, prompt_ids=prompt_ids, image=None, target_ids=[self.vocab.eos_id])
         return encode_batch(self.model, self.collator([example]).to(self.device))
 
     def _rerank(self, examples: Sequence[Example], outputs: list[list[Output]]) -> None:

@@ -148,9 +148,10 @@ class UnifierTask(ABC):
     # model also learns the unconditional distribution that classifier-free guidance contrasts with.
     prompt_dropout: float = 0.0
 
-    def unconditional_prompt_ids(self) -> list[int]:
-        """Encoder text ids of the prompt without its condition (text-to-image: the instruction, no caption)."""
-        raise NotImplementedError(f"task {self.name} has no unconditional prompt")
+    def unconditional_prompt_ids(self) -> list[int] | None:
+        """Encoder text ids of the prompt without its condition (text-to-image: the instruction, no caption);
+        None for tasks that have none."""
+        return None
 
     def meta(self, record: Record) -> dict[str, Any]:
         return {}
