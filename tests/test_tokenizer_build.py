@@ -308,6 +308,43 @@ def test_shipped_shapes_recipe_is_valid():
     )
 
 
+def test_recipe_from_a_base(tmp_path):
+    base = write_recipe(tmp_path, name="base.yaml")
+    (tmp_path / "sub").mkdir()
+    longer = tmp_path / "sub" / "longer.yaml"
+    longer.write_text("base: ../base.yaml\nname: longer\nimage:\n  train: {steps: 7, lr: 0.002}\n  n_embed: 48\n")
+    recipe, original = load_recipe(longer), load_recipe(base)
+    # Mappings merge at every depth: the base's other train fields and its ddconfig stay.
+    assert recipe["name"] == "longer" and recipe["image"]["n_embed"] == 48
+    assert recipe["image"]["train"]["steps"] == 7 and recipe["image"]["train"]["lr"] == 0.002
+    assert recipe["image"]["train"]["batch_size"] == original["image"]["train"]["batch_size"]
+    assert recipe["image"]["ddconfig"] == original["image"]["ddconfig"] and recipe["text"] == original["text"]
+    assert "base" not in recipe and build_module.recipe_hash(recipe) != build_module.recipe_hash(original)
+
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(build_module.RecipeError, match="cycle"):
+        load_recipe(tmp_path / "a.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: gone.yaml\nname: orphan\n")
+    with pytest.raises(build_module.RecipeError, match=r"gone.yaml \(the base of .*orphan.yaml\)"):
+        load_recipe(tmp_path / "orphan.yaml")
+    (tmp_path / "typo.yaml").write_text("base: base.yaml\nimage: {trian: {steps: 3}}\n")
+    with pytest.raises(build_module.RecipeError, match="trian"):
+        load_recipe(tmp_path / "typo.yaml")
+
+
+def test_shipped_full_recipe_trains_the_vqgan_longer():
+    default, full = (
+        load_recipe(REPO / "tokenizers" / "shapes.yaml"),
+        load_recipe(REPO / "tokenizers" / "shapes-full.yaml"),
+    )
+    assert full["image"]["train"]["steps"] > default["image"]["train"]["steps"]
+    assert full["image"]["train"]["disc_start"] < full["image"]["train"]["steps"]
+    same = ("text", "bins", "seed")
+    assert {k: full[k] for k in same} == {k: default[k] for k in same}
+    assert full["image"]["ddconfig"] == default["image"]["ddconfig"]
+
+
 def test_image_folder_recipe(tmp_path, capsys):
     from PIL import Image
 

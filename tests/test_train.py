@@ -170,6 +170,8 @@ def test_presets_start_from_a_base_file(tmp_path):
         default.targets,
         default.bf16,
     )
+    # The full preset builds its own, longer-trained VQ-GAN rather than overwriting the default's tokenizer folder.
+    assert full.tokenizer != default.tokenizer and full.tokenizer_recipe == "tokenizers/shapes-full.yaml"
     (tmp_path / "a.yaml").write_text("base: b.yaml\nsteps: 5\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\nlr: 0.1\n")
     with pytest.raises(ValueError, match="form a cycle"):
