@@ -33,6 +33,8 @@ from unifier.gallery import (
 )
 from unifier.tasks.base import BoxOutput, ImageOutput, TextOutput
 
+REPO = Path(__file__).resolve().parents[1]
+
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -140,6 +142,22 @@ def test_a_perfect_predictor_gets_every_mark_right(tmp_path):
     for title, right in zip(TASK_TITLES.values(), (3, 9, 3, 3, 9, 3), strict=True):
         assert f"<td>{title}</td><td>{right} / {right}</td>" in page
     assert "1 unreadable lines skipped" in page
+
+
+def test_text_to_image_samples_as_evaluation_does(tmp_path):
+    import yaml
+
+    asked = []
+
+    class Recording(ShapesOracle):
+        def predict(self, image=None, prompt=None, task=None, samples=None, **options):
+            asked.append((task, samples, options))
+            return super().predict(image, prompt, task, samples, **options)
+
+    write_gallery(Recording(2), tmp_path / "gallery", n=2, log_path=write_log(tmp_path / "log.jsonl"))
+    decoding = yaml.safe_load((REPO / "tasks" / "shapes" / "text_to_image.yaml").read_text())["decoding"]
+    ((_, samples, options),) = [a for a in asked if a[0] == "text_to_image"]
+    assert samples == decoding["num_candidates"] and options["top_k"] == decoding["top_k"]
 
 
 def test_a_wrong_predictor_gets_wrong_marks_with_the_truth(tmp_path):
