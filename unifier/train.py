@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import yaml
 
+from unifier.config_files import load_yaml_with_base
+
 REPO = Path(__file__).resolve().parents[1]
 PRESETS_DIR = REPO / "configs" / "train"
 DEFAULT_CONFIG = PRESETS_DIR / "shapes.yaml"
@@ -139,28 +141,22 @@ class TrainConfig:
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A TrainConfig from a YAML file (unknown keys are an error) and then `overrides`.
 
-    A file may start from another with `base: other.yaml` (a path relative to it) and set only what differs."""
+    A file may start from another with `base: other.yaml` (a path relative to it) and set only what differs
+    (unifier.config_files: mappings such as `targets` merge key by key)."""
     values = _config_values(Path(path)) if path is not None else {}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return TrainConfig(**values)
 
 
-def _config_values(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"train config not found: {path}")
-    if path.resolve() in seen:
-        raise ValueError(f"{path}: `base` files form a cycle: {' -> '.join(map(str, (*seen, path)))}")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of TrainConfig fields")
+def _config_values(path: Path) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known - {"base"})
-    if unknown:
-        raise ValueError(f"{path}: unknown field(s) {unknown}; known: {sorted(known)}")
-    base = values.pop("base", None)
-    if base is None:
-        return values
-    return {**_config_values(path.parent / str(base), (*seen, path.resolve())), **values}
+
+    def check(values: dict[str, Any], where: Path) -> None:
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+
+    return load_yaml_with_base(path, "train config", ValueError, FileNotFoundError, check)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from unifier.config_files import load_yaml_with_base
 from unifier.tokenization import (
     IMAGE_TOKENIZER_DIR,
     PARTIAL_MARK,
@@ -68,37 +69,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 
     A recipe may start from another with `base: other.yaml` (a path relative to it) and set only what differs:
     mappings merge key by key at every depth, anything else (a list, a number) replaces the base's value."""
-    path = Path(path)
-    return normalize_recipe(_recipe_values(path), str(path))
-
-
-def _recipe_values(path: Path, seen: tuple[Path, ...] = ()) -> Any:
-    if not path.is_file():
-        raise RecipeError(f"recipe not found: {path}" + (f" (the base of {seen[-1]})" if seen else ""))
-    if path.resolve() in seen:
-        raise RecipeError(f"{path}: `base` recipes form a cycle: {' -> '.join(map(str, (*seen, path)))}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path} is not valid YAML: {e}") from e
-    if not isinstance(raw, dict) or "base" not in raw:
-        return raw
-    raw = dict(raw)
-    base = raw.pop("base")
-    if not isinstance(base, str):
-        raise RecipeError(f"{path}: base must be the path of another recipe, got {base!r}")
-    values = _recipe_values(path.parent / base, (*seen, path.resolve()))
-    if not isinstance(values, dict):
-        raise RecipeError(f"{path.parent / base} (the base of {path}): a recipe is a mapping")
-    return _merged(values, raw)
-
-
-def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        both = isinstance(value, dict) and isinstance(base.get(key), dict)
-        merged[key] = _merged(base[key], value) if both else value
-    return merged
+    return normalize_recipe(load_yaml_with_base(path, "recipe", RecipeError), str(path))
 
 
 def normalize_recipe(raw: Any, where: str = "recipe") -> dict[str, Any]:
