@@ -93,6 +93,22 @@ def test_task_file_decoding_and_limits(unifier, tmp_path):
     assert summary["records"] == 5 and summary["decoding"]["closed_set"] == "score"
 
 
+def test_a_task_kind_is_decoded_as_the_model_folder_says(tmp_path, shapes_dir):
+    from test_predict import write_task_decoding
+
+    folder = build_model_folder(tmp_path / "model")
+    write_task_decoding(folder, {"vqa": {"num_beams": 2, "closed_set": "score"}, "grounding": {"num_beams": 3}})
+    unifier = Unifier.from_pretrained(folder, device="cpu")
+    records = [records_from_paths("vqa", [str(shapes_dir)], "val")[i] for i in range(3)]
+    summary = evaluate_task(unifier, "vqa", records, progress=False)
+    assert summary["decoding"]["beams"] == 2 and summary["decoding"]["closed_set"] == "score"
+    summary = evaluate_task(unifier, "vqa", records, decoding={"beams": 4}, closed_set="beam", progress=False)
+    assert summary["decoding"]["beams"] == 4 and summary["decoding"]["closed_set"] == "beam"  # the call's win
+    # A task file's decoding replaces the folder's.
+    summary = evaluate_task(unifier, REPO / "tasks/shapes/vqa.yaml", limit=2, progress=False)
+    assert summary["decoding"]["beams"] == 1 and summary["decoding"]["closed_set"] == "beam"
+
+
 def test_a_model_and_tokenizer_pair_evaluates_like_its_folder(unifier, model_dir, shapes_dir):
     records = records_from_paths("entailment", [str(shapes_dir)], "val")
     from unifier.modeling import load_pretrained

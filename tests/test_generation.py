@@ -16,10 +16,12 @@ from unifier.generation import (
     TrieTable,
     build_trie_table,
     decode_closed_sets,
+    decoding_mapping,
     encode_batch,
     generate,
     rank_answers,
     score_candidates,
+    task_decoding,
 )
 from unifier.tasks.base import AnswerSet, ExactBins, ExactCodes, FreeText
 from unifier.tokenization.text import train_text_model
@@ -229,6 +231,33 @@ def test_generate_rejects_mixed_constraints_and_bad_options(model, vocab):
     for bad in ({"beams": 0}, {"samples": 0}, {"temperature": 0}, {"top_p": 1.5}, {"top_k": 0}):
         with pytest.raises(ValueError):
             DecodingOptions(**bad)
+
+
+@pytest.mark.parametrize(
+    "decoding",
+    [
+        {},
+        {"num_beams": 3, "max_new_tokens": 40},
+        {"do_sample": True, "top_k": 32, "num_candidates": 4},
+        {"num_beams": 1, "closed_set": "score"},
+        {"do_sample": True, "num_candidates": 16, "guidance_scale": 3.0, "temperature": 0.7, "seed": 3},
+    ],
+)
+def test_a_decoding_mapping_reads_back_as_the_same_options(decoding):
+    options, closed_set = task_decoding(decoding)
+    assert closed_set == decoding.get("closed_set", "beam")
+    assert options.samples == (decoding["num_candidates"] if decoding.get("do_sample") else None)
+    assert task_decoding(decoding_mapping(options, closed_set)) == (options, closed_set)
+
+
+def test_decoding_overrides_and_bad_mappings():
+    options, closed_set = task_decoding({"do_sample": True, "top_k": 32, "num_candidates": 4}, samples=2, top_k=None)
+    assert (options.samples, options.top_k, closed_set) == (2, 32, "beam")  # None: not given
+    assert task_decoding({"closed_set": "score"}, closed_set="beam")[1] == "beam"
+    with pytest.raises(ValueError, match="closed_set must be 'beam' or 'score', got 'all'"):
+        task_decoding({"closed_set": "all"})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['num_beam'\]"):
+        task_decoding({"num_beam": 3})
 
 
 def guided_greedy_by_brute_force(model, conditional, unconditional, scale, allowed, count):

@@ -21,12 +21,15 @@ from unifier.predict import (
     main,
     parse_region,
     prompt_fields,
+    read_task_decoding,
     read_task_options,
     recognise_prompt,
+    task_decoding_of,
     task_options_from_files,
+    write_task_decoding,
     write_task_options,
 )
-from unifier.tasks import load_task_config
+from unifier.tasks import load_mixture, load_task_config
 from unifier.tasks.base import BoxOutput, Example, ImageOutput, TextOutput
 
 
@@ -228,6 +231,51 @@ def test_closed_sets_can_be_scored_exhaustively(unifier, scene_png):
     beams = unifier.predict(image=scene_png, prompt=" is it red?", beams=len(VQA_ANSWERS), num_return=3)
     assert [r.text for r in ranked] == [b.text for b in beams]
     assert [r.score for r in ranked] == pytest.approx([b.score for b in beams], abs=1e-3)
+
+
+def test_the_model_folders_decoding_is_each_tasks_default(tmp_path, scene_png, monkeypatch, capsys):
+    folder = build_model_folder(tmp_path / "model")
+    decoding = {
+        "text_to_image": {"do_sample": True, "top_k": 8, "num_candidates": 3},
+        "vqa": {"num_beams": 1, "closed_set": "score"},
+    }
+    write_task_decoding(folder, decoding)
+    assert read_task_decoding(folder) == decoding
+    unifier = Unifier.from_pretrained(folder, device="cpu")
+    prompt = " what is the complete image? caption: a small red circle"
+    # The folder's 3 candidates at top_k 8, reranked: one image, the best of the three an explicit call returns.
+    best = unifier.predict(prompt=prompt, seed=0)
+    three = unifier.predict(prompt=prompt, samples=3, top_k=8, seed=0)
+    assert isinstance(best, ImageOutput) and best.codes == three[0].codes and best.rerank_score is not None
+    assert [s.codes for s in unifier.predict(prompt=prompt, samples=3, seed=0)] == [s.codes for s in three]
+    wider = unifier.predict(prompt=prompt, samples=3, top_k=24, seed=0)  # the call's options win
+    assert [s.codes for s in wider] != [s.codes for s in three]
+    ranked = unifier.predict(image=scene_png, prompt=" is it red?", num_return=3)
+    exhaustive = unifier.predict(image=scene_png, prompt=" is it red?", closed_set="score", num_return=3)
+    assert [r.score for r in ranked] == pytest.approx([r.score for r in exhaustive], abs=1e-6)
+    # A task file given at load time replaces the folder's decoding of its task; the other tasks keep theirs.
+    with_file = Unifier.from_pretrained(folder, device="cpu", task_files=[REPO / "tasks/shapes/text_to_image.yaml"])
+    assert with_file.decoding("text_to_image")[0].top_k == 32 and with_file.decoding("vqa")[1] == "score"
+    assert unifier.decoding("caption") == (DecodingOptions(), "beam")  # not in the folder: the defaults
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--model", str(folder), "--prompt", prompt, "--seed", "0", "--out", "one.png"]) == 0
+    assert "wrote 1 generated image(s)" in capsys.readouterr().out
+    assert list(np.asarray(Image.open("one.png")).shape) == [16, 16, 3]
+
+    (folder / "decoding.json").write_text('{"vqa": {"num_beam": 3}}')
+    with pytest.raises(PredictError, match=r"vqa decoding: .*unknown key\(s\) \['num_beam'\]"):
+        Unifier.from_pretrained(folder, device="cpu")
+
+
+def test_decoding_of_the_shapes_mixture():
+    decoding = task_decoding_of([c for c, _ in load_mixture(REPO / "tasks/shapes/mixture.yaml")])
+    assert set(decoding) == set(TASK_NAMES) and decoding["vqa"] == {"num_beams": 1, "closed_set": "beam"}
+    assert decoding["text_to_image"] == {"do_sample": True, "num_candidates": 4, "top_k": 32, "closed_set": "beam"}
+    overridden = task_decoding_of([c for c, _ in load_mixture(REPO / "tasks/shapes/mixture.yaml")], {
+        "text_to_image": {"samples": 16, "guidance_scale": 3.0}
+    })  # fmt: skip
+    assert overridden["text_to_image"]["num_candidates"] == 16 and overridden["text_to_image"]["guidance_scale"] == 3
 
 
 @pytest.mark.parametrize(

@@ -454,6 +454,8 @@ def test_two_process_zero2_run_learns_checkpoints_and_resumes_exactly(workdir, t
     assert "- text_to_image decoded with samples 2 (eval_decoding)" in report
     assert (full / "gallery" / "index.html").is_file()
     assert json.loads((full / "model" / "tasks.json").read_text())["vqa"]["answers"][:2] == ["yes", "no"]
+    decoding = json.loads((full / "model" / "decoding.json").read_text())  # as the evaluation decoded each task
+    assert decoding["text_to_image"]["num_candidates"] == 2 and decoding["vqa"]["num_beams"] == 1
 
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(full / "checkpoints", resumed_dir / "checkpoints")

@@ -11,7 +11,8 @@ Evaluates a model on one task and writes the predictions in the public result fo
     text_to_image    {name}_images/{uid}.png and {name}_results.json [{uid, caption, file, score, rerank_score}]
     every task       {name}_metrics.json  {task, name, split, metrics: {...}, count, skipped, decoding, ...}
 
-The task is a task file (its data source and split, options and decoding) or a task kind. `--data`
+The task is a task file (its data source and split, options and decoding) or a task kind (decoded as the
+model folder's decoding.json says, the way its training run evaluated it). `--data`
 (with either; a task file keeps its options, such as the answer set, and its decoding) reads the records
 from a public layout instead: a shapes folder written by `unifier data shapes` (OUT/{split} or OUT), an
 OFA TSV file, or the public files themselves:
@@ -169,7 +170,7 @@ def evaluate_task(
     closed_set: "beam" (trie-constrained beam search) or "score" (exhaustive scoring of the answer set)."""
     from tqdm.auto import tqdm
 
-    from unifier.generation import decoding_options
+    from unifier.generation import task_decoding
     from unifier.images import load_image
     from unifier.predict import Unifier, inference_example
 
@@ -181,13 +182,10 @@ def evaluate_task(
         unifier = Unifier(model, tokenizer, device=device or next(model.parameters()).device)
     task, config = _resolve_task(unifier, task_config_or_name)
     name = config.name if config is not None else task.name
-    file_decoding = dict(config.decoding) if config is not None else {}
-    closed_set = closed_set or file_decoding.pop("closed_set", "beam")
-    file_decoding.pop("closed_set", None)
-    if closed_set not in ("beam", "score"):
-        raise EvaluateError(f"closed_set must be 'beam' or 'score', got {closed_set!r}")
+    # A task file's decoding, else the model folder's for the task kind (decoding.json), under the call's.
+    stored = config.decoding if config is not None else unifier.task_decoding.get(task.name)
     try:
-        options = decoding_options(file_decoding, **(decoding or {}))
+        options, closed_set = task_decoding(stored, **(decoding or {}), closed_set=closed_set)
     except (TypeError, ValueError) as e:
         raise EvaluateError(f"{name}: decoding options: {e}") from e
     if batch_size < 1:

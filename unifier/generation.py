@@ -121,6 +121,33 @@ def decoding_options(decoding: dict[str, Any] | None = None, **overrides: Any) -
     return DecodingOptions(**fields)
 
 
+CLOSED_SET_MODES = ("beam", "score")
+
+
+def task_decoding(decoding: dict[str, Any] | None = None, **overrides: Any) -> tuple[DecodingOptions, str]:
+    """(DecodingOptions, closed-set mode) of a `decoding:` mapping (a task file's, or a model folder's
+    decoding.json entry), with its `closed_set` ("beam": trie-constrained beam search; "score": exhaustive scoring
+    of the answer set); `overrides` are DecodingOptions field names and `closed_set` (None values are ignored)."""
+    decoding = dict(decoding or {})
+    closed_set = overrides.pop("closed_set", None) or decoding.pop("closed_set", None) or "beam"
+    decoding.pop("closed_set", None)
+    if closed_set not in CLOSED_SET_MODES:
+        raise ValueError(f"closed_set must be 'beam' or 'score', got {closed_set!r}")
+    return decoding_options(decoding, **overrides), closed_set
+
+
+def decoding_mapping(options: DecodingOptions, closed_set: str = "beam") -> dict[str, Any]:
+    """The `decoding:` mapping (task files' keys) that `task_decoding` reads back as (options, closed_set); fields at
+    their defaults are left out."""
+    names = {field: key for key, field in _CONFIG_KEYS.items()}
+    defaults = vars(DecodingOptions())
+    mapping: dict[str, Any] = {names[k]: v for k, v in vars(options).items() if k in names and v != defaults[k]}
+    if options.samples is not None:
+        mapping.update(do_sample=True, num_candidates=options.samples)
+    mapping["closed_set"] = closed_set
+    return mapping
+
+
 @dataclass
 class Hypothesis:
     """One generated sequence: `ids` without the decoder start token and without </s>."""

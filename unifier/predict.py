@@ -18,7 +18,9 @@ design.md), or named with `--task` / `task=`:
     model.predict(image=pil, prompt=' which region does the text " red circle " describe?')  # BoxOutput
     model.predict(prompt=" what is the complete image? caption: a small red circle", samples=4)  # [ImageOutput]
 
-A list of prompts (and images) is a batch: the result is a list. Errors are `PredictError`s (ValueError)
+Options left unset decode each task as the model's run evaluated it (the model folder's decoding.json, written by
+train.py from the task files' `decoding:`): greedy VQA, 3-beam captions, text-to-image's best of 4 samples at
+top_k 32 for the shapes model. A list of prompts (and images) is a batch: the result is a list. Errors are `PredictError`s (ValueError)
 with a one-line message; the CLI prints it and exits with code 2 before writing anything.
 """
 
@@ -39,6 +41,9 @@ from unifier.tasks.base import AnswerSet, BoxOutput, ExactCodes, Example, FreeTe
 TASK_NAMES = ("caption", "vqa", "grounding", "region_caption", "entailment", "text_to_image")
 FREE = "free"  # a prompt of no task: decoded as unconstrained text
 TASKS_FILE = "tasks.json"  # in a model folder: {task kind: options} the model was trained with
+# In a model folder: {task kind: `decoding:` mapping} the run evaluated each task with (its task file's, with the
+# run's eval_decoding over it), so that predict, the demo and the gallery decode as the reported figures were.
+DECODING_FILE = "decoding.json"
 DEFAULT_BATCH_SIZE = 16
 FREE_TEXT_TOKENS = 32
 
@@ -142,9 +147,8 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def read_task_options(folder: str | Path) -> dict[str, dict[str, Any]]:
-    """{task kind: options} from a model folder's tasks.json ({} when the folder has none)."""
-    path = Path(folder) / TASKS_FILE
+def _read_per_task(path: Path) -> dict[str, dict[str, Any]]:
+    """{task kind: {key: value}} from a model folder's JSON file ({} when the folder has none)."""
     if not path.is_file():
         return {}
     try:
@@ -152,11 +156,32 @@ def read_task_options(folder: str | Path) -> dict[str, dict[str, Any]]:
     except json.JSONDecodeError as e:
         raise PredictError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(content, dict) or not all(isinstance(v, dict) for v in content.values()):
-        raise PredictError(f"{path}: expected {{task kind: {{option: value}}}}")
+        raise PredictError(f"{path}: expected {{task kind: {{key: value}}}}")
     unknown = sorted(set(content) - set(TASK_NAMES))
     if unknown:
         raise PredictError(f"{path}: unknown task kind(s) {unknown}; known: {', '.join(TASK_NAMES)}")
     return content
+
+
+def _write_per_task(path: Path, content: dict[str, dict[str, Any]]) -> Path:
+    """Write {task kind: {key: value}} as JSON via a temporary name, so a reader never sees half a file."""
+    unknown = sorted(set(content) - set(TASK_NAMES))
+    if unknown:
+        raise ValueError(f"{path.name}: unknown task kind(s) {unknown}; known: {', '.join(TASK_NAMES)}")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_task_options(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """{task kind: options} from a model folder's tasks.json ({} when the folder has none)."""
+    return _read_per_task(Path(folder) / TASKS_FILE)
+
+
+def read_task_decoding(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """{task kind: `decoding:` mapping} from a model folder's decoding.json ({} when the folder has none)."""
+    return _read_per_task(Path(folder) / DECODING_FILE)
 
 
 def task_options_of(tasks: Sequence[Any]) -> dict[str, dict[str, Any]]:
@@ -174,13 +199,26 @@ def task_options_of(tasks: Sequence[Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def task_options_from_files(paths: Sequence[str | Path], tokenizer: Any) -> dict[str, dict[str, Any]]:
-    """{task kind: options} of task files and / or mixture files (a mixture contributes each of its tasks)."""
-    if not paths:
-        return {}
+def task_decoding_of(configs: Sequence[Any], overrides: dict[str, dict[str, Any]] | None = None) -> dict:
+    """{task kind: `decoding:` mapping} of task configs, each with `overrides[config.name]` (DecodingOptions field
+    names, as a train config's eval_decoding) over its file's decoding, for write_task_decoding."""
+    from unifier.generation import decoding_mapping, task_decoding
+
+    out = {}
+    for config in configs:
+        try:
+            options, closed_set = task_decoding(config.decoding, **(overrides or {}).get(config.name, {}))
+        except (TypeError, ValueError) as e:
+            raise PredictError(f"{config.name}: decoding: {e}") from e
+        out[config.kind] = decoding_mapping(options, closed_set)
+    return out
+
+
+def _configs_of_files(paths: Sequence[str | Path]) -> list[Any]:
+    """The task configs of task files and / or mixture files (a mixture contributes each of its tasks)."""
     import yaml
 
-    from unifier.tasks import build_task_from_config, load_mixture, load_task_config
+    from unifier.tasks import load_mixture, load_task_config
 
     configs = []
     for path in paths:
@@ -190,20 +228,25 @@ def task_options_from_files(paths: Sequence[str | Path], tokenizer: Any) -> dict
         content = yaml.safe_load(path.read_text())
         is_mixture = isinstance(content, dict) and "tasks" in content and "kind" not in content
         configs += [c for c, _ in load_mixture(path)] if is_mixture else [load_task_config(path)]
-    return task_options_of([build_task_from_config(config, tokenizer) for config in configs])
+    return configs
+
+
+def task_options_from_files(paths: Sequence[str | Path], tokenizer: Any) -> dict[str, dict[str, Any]]:
+    """{task kind: options} of task files and / or mixture files (a mixture contributes each of its tasks)."""
+    from unifier.tasks import build_task_from_config
+
+    return task_options_of([build_task_from_config(config, tokenizer) for config in _configs_of_files(paths)])
 
 
 def write_task_options(folder: str | Path, options: dict[str, dict[str, Any]]) -> Path:
     """Write {task kind: JSON-able options} (answer sets, max_new_tokens, ...) as the folder's tasks.json,
-    so that predict and evaluate decode each task the way it was trained (via a temporary name)."""
-    unknown = sorted(set(options) - set(TASK_NAMES))
-    if unknown:
-        raise ValueError(f"write_task_options: unknown task kind(s) {unknown}; known: {', '.join(TASK_NAMES)}")
-    path = Path(folder) / TASKS_FILE
-    tmp = path.with_name(f".{TASKS_FILE}.tmp")
-    tmp.write_text(json.dumps(options, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    so that predict and evaluate decode each task the way it was trained."""
+    return _write_per_task(Path(folder) / TASKS_FILE, options)
+
+
+def write_task_decoding(folder: str | Path, decoding: dict[str, dict[str, Any]]) -> Path:
+    """Write {task kind: `decoding:` mapping} (task_decoding_of's) as the folder's decoding.json."""
+    return _write_per_task(Path(folder) / DECODING_FILE, decoding)
 
 
 class Unifier:
@@ -211,7 +254,9 @@ class Unifier:
 
     model: a UnifierForConditionalGeneration (anything with encode / generate / forward like it);
     tokenizer: a UnifierTokenizer (`.vocab`, `.image_tokenizer`) or a bare UnifierVocab (no images);
-    task_options: {task kind: options} (e.g. {"vqa": {"answers": [...]}}), as in tasks/*.yaml `options`.
+    task_options: {task kind: options} (e.g. {"vqa": {"answers": [...]}}), as in tasks/*.yaml `options`;
+    task_decoding: {task kind: `decoding:` mapping} (e.g. {"vqa": {"num_beams": 1}}), as in tasks/*.yaml
+    `decoding`: how `predict` decodes a task when the call does not say (DecodingOptions' defaults otherwise).
     """
 
     def __init__(
@@ -220,6 +265,7 @@ class Unifier:
         tokenizer: Any,
         task_options: dict[str, dict[str, Any]] | None = None,
         device: Any = None,
+        task_decoding: dict[str, dict[str, Any]] | None = None,
     ):
         import torch
 
@@ -244,6 +290,9 @@ class Unifier:
         self.max_prompt_tokens = int(config.max_position_embeddings) - num_patches
         self.max_target_tokens = int(config.max_position_embeddings) - 1
         self.task_options = {name: dict(opts) for name, opts in (task_options or {}).items()}
+        self.task_decoding = {name: dict(decoding) for name, decoding in (task_decoding or {}).items()}
+        for name in self.task_decoding:
+            self.decoding(name)  # a bad decoding.json fails when the model loads, naming the task
         self._tasks: dict[str, Any] = {}
         self.collator = Collator(self.vocab, self.image_size or 1, task_names=[*TASK_NAMES, FREE])
 
@@ -255,10 +304,11 @@ class Unifier:
         task_options: dict[str, dict[str, Any]] | None = None,
         task_files: Sequence[str | Path] = (),
     ) -> Unifier:
-        """Load a model folder (config.json, model.safetensors, tokenizer/, optional tasks.json).
+        """Load a model folder (config.json, model.safetensors, tokenizer/, optional tasks.json and decoding.json).
 
         Task options come from tasks.json, then `task_files` (task or mixture YAML files: their `options`,
-        answer files resolved), then `task_options`."""
+        answer files resolved), then `task_options`; each task's decoding from decoding.json, replaced by the
+        `decoding:` of a task file given for it."""
         from unifier.modeling import UnifierForConditionalGeneration
         from unifier.tokenization import load_tokenizer
 
@@ -269,10 +319,15 @@ class Unifier:
             raise PredictError(f"{folder}: the model folder has no tokenizer/ folder")
         model = UnifierForConditionalGeneration.from_pretrained(str(folder))
         tokenizer = load_tokenizer(folder / "tokenizer")
+        from unifier.tasks import build_task_from_config
+
+        configs = _configs_of_files(task_files)
         options = read_task_options(folder)
-        options.update(task_options_from_files(task_files, tokenizer))
+        options.update(task_options_of([build_task_from_config(config, tokenizer) for config in configs]))
         options.update(task_options or {})
-        return cls(model, tokenizer, options, device=device)
+        decoding = read_task_decoding(folder)
+        decoding.update(task_decoding_of(configs))
+        return cls(model, tokenizer, options, device=device, task_decoding=decoding)
 
     # ---- tasks ----------------------------------------------------------------------------------------------------
     def task(self, name: str) -> Any:
@@ -287,6 +342,16 @@ class Unifier:
                 options.setdefault("image_tokenizer", self.image_tokenizer)
             self._tasks[name] = build_task(name, self.vocab, **options)
         return self._tasks[name]
+
+    def decoding(self, task: str, **overrides: Any) -> tuple[Any, str]:
+        """(DecodingOptions, closed-set mode) for a task kind (or "free"): the call's `overrides` (DecodingOptions
+        field names and closed_set; None: not given) over the model's decoding of that task."""
+        from unifier.generation import task_decoding
+
+        try:
+            return task_decoding(self.task_decoding.get(task), **overrides)
+        except (TypeError, ValueError) as e:
+            raise PredictError(f"{task} decoding: {e}") from e
 
     @property
     def vqa_has_answer_set(self) -> bool:
@@ -473,15 +538,15 @@ class Unifier:
         prompt: str | Sequence[str] | None = None,
         task: str | None = None,
         box: Any = None,
-        beams: int = 5,
+        beams: int | None = None,
         samples: int | None = None,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
-        num_return: int = 1,
+        num_return: int | None = None,
         max_new_tokens: int | None = None,
-        closed_set: str = "beam",
+        closed_set: str | None = None,
         rerank: bool = True,
         batch_size: int = DEFAULT_BATCH_SIZE,
         guidance_scale: float | None = None,
@@ -490,9 +555,11 @@ class Unifier:
         a single image is shared by every prompt). Returns TextOutput / BoxOutput (pixels of the input image) /
         ImageOutput (PIL image + codes), each with `score` (log-likelihood); a list of outputs for one prompt
         when samples > 1 or num_return > 1 (best first: text-to-image samples by their caption rerank score).
-        guidance_scale: classifier-free guidance of text-to-image sampling (None or 1: none)."""
-        from unifier.generation import DecodingOptions
 
+        Decoding options left None are the model's own for the prompt's task (decoding.json: how the run
+        evaluated it; e.g. text-to-image drawing 4 candidates at top_k 32 and returning the best by its caption
+        rerank score), else DecodingOptions' defaults (beam search, 5 beams). guidance_scale: classifier-free
+        guidance of text-to-image sampling (None or 1: none); closed_set "score" ranks an answer set exhaustively."""
         single = prompt is None or isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         if not prompts:
@@ -503,22 +570,20 @@ class Unifier:
             images = list(image)
             if len(images) != len(prompts):
                 raise PredictError(f"{len(images)} images for {len(prompts)} prompts")
-        if closed_set not in ("beam", "score"):
-            raise PredictError(f"closed_set must be 'beam' or 'score', got {closed_set!r}")
-        try:
-            options = DecodingOptions(
-                beams=beams,
-                samples=samples,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                seed=seed,
-                num_return=num_return,
-                max_new_tokens=max_new_tokens,
-                guidance_scale=guidance_scale,
-            )
-        except ValueError as e:
-            raise PredictError(str(e)) from e
+        asked = dict(
+            beams=beams,
+            samples=samples,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            num_return=num_return,
+            max_new_tokens=max_new_tokens,
+            guidance_scale=guidance_scale,
+            closed_set=closed_set,
+        )
+        # A list per prompt only when the call asks for several; a task's own candidates are reranked to one.
+        several = (samples or 1) > 1 or (num_return or 1) > 1
         requests = [self.request(p, i, task, box) for p, i in zip(prompts, images, strict=True)]
         results: list[Any] = [None] * len(requests)
         # One generate call per (task, constraint kind) group, in chunks of batch_size.
@@ -527,14 +592,16 @@ class Unifier:
             constraint = self.constraint(request)
             key = (request.task, type(constraint).__name__, getattr(constraint, "count", None))
             groups.setdefault(key, []).append(index)
-        for (task_name, _, _), indexes in groups.items():
+        decodings = {key: self.decoding(key[0], **asked) for key in groups}  # every option checked before decoding
+        for key, indexes in groups.items():
+            task_name, (options, mode) = key[0], decodings[key]
             for start in range(0, len(indexes), batch_size):
                 chunk = indexes[start : start + batch_size]
-                outputs = self.run(task_name, [requests[i].example for i in chunk], options, closed_set, rerank)
+                outputs = self.run(task_name, [requests[i].example for i in chunk], options, mode, rerank)
                 for i, outs in zip(chunk, outputs, strict=True):
                     if not outs:
                         raise PredictError(f"no answer could be decoded for prompt {prompts[i]!r}")
-                    results[i] = outs if (samples or 1) > 1 or num_return > 1 else outs[0]
+                    results[i] = outs if several else outs[0]
         return results[0] if single else results
 
 
@@ -564,14 +631,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", required=True, help='e.g. " what does the image describe?"')
     parser.add_argument("--task", help=f"one of {', '.join(TASK_NAMES)} (default: recognised from the prompt)")
     parser.add_argument("--box", help="region_caption: the region as x0,y0,x1,y1 in pixels")
-    parser.add_argument("--beams", type=int, default=5, help="beam width (default 5)")
+    # Decoding flags not given are the model's own for the task (its decoding.json), else beam search of 5.
+    parser.add_argument("--beams", type=int, help="beam width (default: the model's for the task, else 5)")
     parser.add_argument("--samples", type=int, help="sample this many answers / images instead of beam search")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature (default: the model's, else 1.0)")
     parser.add_argument("--top-k", type=int, help="sampling: keep the k most likely tokens")
     parser.add_argument("--top-p", type=float, help="sampling: nucleus probability mass")
     parser.add_argument("--seed", type=int, help="sampling seed")
     parser.add_argument("--guidance-scale", type=float, help="text-to-image: classifier-free guidance (1: none)")
-    parser.add_argument("--closed-set", choices=("beam", "score"), default="beam", help="answer sets: beam or score")
+    parser.add_argument("--closed-set", choices=("beam", "score"), help="answer sets: beam search or exhaustive score")
     parser.add_argument("--out", help="where to save a box drawn on the image, or the generated image(s) (PNG)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument(

@@ -466,12 +466,15 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints
-def save_model_folder(accelerator, model, tokenizer_folder: Path, out: Path, task_options: dict) -> None:
+def save_model_folder(
+    accelerator, model, tokenizer_folder: Path, out: Path, task_options: dict, task_decoding: dict
+) -> None:
     """Write a self-contained model folder (config.json, model.safetensors, tokenizer/, tasks.json: the options,
-    such as answer sets, each task was trained with) via a temporary name.
+    such as answer sets, each task was trained with; decoding.json: how the run evaluates each task) via a
+    temporary name.
 
     Every process must call this: under ZeRO-3 gathering the weights is collective."""
-    from unifier.predict import write_task_options
+    from unifier.predict import write_task_decoding, write_task_options
 
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
@@ -480,6 +483,7 @@ def save_model_folder(accelerator, model, tokenizer_folder: Path, out: Path, tas
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
         shutil.copytree(tokenizer_folder, tmp / "tokenizer")
         write_task_options(tmp, task_options)
+        write_task_decoding(tmp, task_decoding)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -487,7 +491,15 @@ def save_model_folder(accelerator, model, tokenizer_folder: Path, out: Path, tas
 
 
 def save_checkpoint(
-    accelerator, model, tokenizer_folder: Path, task_options: dict, run_dir: Path, step: int, sampler, keep: int
+    accelerator,
+    model,
+    tokenizer_folder: Path,
+    task_options: dict,
+    task_decoding: dict,
+    run_dir: Path,
+    step: int,
+    sampler,
+    keep: int,
 ) -> Path:
     """checkpoints/step-N/: model/ (from_pretrained), state/ (optimizer, scheduler, RNG: accelerate's save_state)
     and data-rank*.json (stream positions); built under .step-N.tmp and renamed when complete."""
@@ -500,7 +512,7 @@ def save_checkpoint(
     accelerator.save_state(str(tmp / "state"))
     position = {"step": step, "world_size": accelerator.num_processes, "streams": sampler.state_dict()}
     (tmp / f"data-rank{accelerator.process_index}.json").write_text(json.dumps(position, indent=1))
-    save_model_folder(accelerator, model, tokenizer_folder, tmp / "model", task_options)
+    save_model_folder(accelerator, model, tokenizer_folder, tmp / "model", task_options, task_decoding)
     if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)
@@ -692,7 +704,7 @@ def train(config: TrainConfig) -> Path:
 
     from unifier.batching import Collator
     from unifier.modeling import build_model
-    from unifier.predict import task_options_of
+    from unifier.predict import task_decoding_of, task_options_of
     from unifier.tasks import build_task_from_config, load_mixture
     from unifier.tokenization import load_tokenizer
 
@@ -726,6 +738,8 @@ def train(config: TrainConfig) -> Path:
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable()
     task_options = task_options_of(tasks)
+    # How the final evaluation decodes each task, kept in the model folder for predict, the demo and the gallery.
+    task_decoding = task_decoding_of([task_config for task_config, _ in mixture], config.eval_decoding)
     task_names = list(dict.fromkeys(t.name for t in tasks))  # task kinds, for per-task losses
     collate = Collator(tokenizer, model.config.image_size, task_names=task_names, drop_text_only_images=False)
     streams = [
@@ -813,17 +827,33 @@ def train(config: TrainConfig) -> Path:
             window["time"] = time.perf_counter()  # validation time is not training throughput
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
             save_checkpoint(
-                accelerator, model, tokenizer_folder, task_options, run_dir, done, sampler, config.keep_last
+                accelerator,
+                model,
+                tokenizer_folder,
+                task_options,
+                task_decoding,
+                run_dir,
+                done,
+                sampler,
+                config.keep_last,
             )
             window["time"] = time.perf_counter()
 
     bar.close()
     if config.checkpoint_every:
         save_checkpoint(
-            accelerator, model, tokenizer_folder, task_options, run_dir, config.steps, sampler, config.keep_last
+            accelerator,
+            model,
+            tokenizer_folder,
+            task_options,
+            task_decoding,
+            run_dir,
+            config.steps,
+            sampler,
+            config.keep_last,
         )
     final = run_dir / "model"
-    save_model_folder(accelerator, model, tokenizer_folder, final, task_options)
+    save_model_folder(accelerator, model, tokenizer_folder, final, task_options, task_decoding)
     skipped = {s.name: s.state["skipped"] for s in streams if s.state["skipped"]}
     if skipped or collate.unconstrained_targets:
         accelerator.print(
