@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -769,6 +770,9 @@ def train(config: TrainConfig) -> Path:
         accelerator.print(f"resumed from {checkpoint} at step {start}")
 
     log = RunLog(run_dir, accelerator.is_main_process, config.tensorboard, start_step=start)
+    checkpoint_at = functools.partial(
+        save_checkpoint, accelerator, model, tokenizer_folder, task_options, task_decoding, run_dir, sampler=sampler
+    )
     per_step = config.batch_size * config.grad_accum * world
     bar = tqdm(
         total=config.steps, initial=start, disable=not (config.progress and accelerator.is_main_process), unit="step"
@@ -826,32 +830,12 @@ def train(config: TrainConfig) -> Path:
             accelerator.print(f"step {done}: val loss " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
             window["time"] = time.perf_counter()  # validation time is not training throughput
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            save_checkpoint(
-                accelerator,
-                model,
-                tokenizer_folder,
-                task_options,
-                task_decoding,
-                run_dir,
-                done,
-                sampler,
-                config.keep_last,
-            )
+            checkpoint_at(done, keep=config.keep_last)
             window["time"] = time.perf_counter()
 
     bar.close()
     if config.checkpoint_every:
-        save_checkpoint(
-            accelerator,
-            model,
-            tokenizer_folder,
-            task_options,
-            task_decoding,
-            run_dir,
-            config.steps,
-            sampler,
-            config.keep_last,
-        )
+        checkpoint_at(config.steps, keep=config.keep_last)
     final = run_dir / "model"
     save_model_folder(accelerator, model, tokenizer_folder, final, task_options, task_decoding)
     skipped = {s.name: s.state["skipped"] for s in streams if s.state["skipped"]}
