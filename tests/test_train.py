@@ -25,6 +25,7 @@ from unifier.tokenization.image_tokenizer import ImageTokenizer
 from unifier.tokenization.text import train_text_model
 from unifier.tokenization.vocab import UnifierVocab
 from unifier.train import (
+    BUDGET_MARGIN_SECONDS,
     DEFAULT_CONFIG,
     MixtureSampler,
     TaskStream,
@@ -34,6 +35,7 @@ from unifier.train import (
     load_config,
     lr_factor,
     split_by_length,
+    steps_within_budget,
     train,
 )
 
@@ -162,7 +164,9 @@ def test_presets_start_from_a_base_file(tmp_path):
 
     full = load_config(REPO / "configs/train/full.yaml")
     default = load_config(REPO / "configs/train/shapes.yaml")
-    assert full.steps > 4 * default.steps and full.output_dir == "runs/shapes-full"
+    assert full.steps > 3 * default.steps and full.output_dir == "runs/shapes-full"
+    # The default fits the 30-minute bar on any hour of the machine; the full preset runs all its updates.
+    assert default.time_budget_minutes == 27.5 and full.time_budget_minutes == 0
     assert full.eval_decoding == {"text_to_image": {"samples": 16, "guidance_scale": 3.0}} and not default.eval_decoding
     assert (full.model, full.mixture, full.targets, full.bf16) == (
         default.model,
@@ -190,6 +194,39 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lr_factor(100, config) == pytest.approx(0.1)
     linear = TrainConfig(steps=100, warmup_steps=10, decay="linear", min_lr_ratio=0.0)
     assert lr_factor(55, linear) == pytest.approx(0.5)
+
+
+def test_a_budget_fits_the_updates_to_the_time_left():
+    config = TrainConfig(steps=2000, time_budget_minutes=27.5, final_eval_updates=500)
+    # 27.5 min less the margin, 10 min spent: 960 s left at 0.5 s an update is 1920, less 500 for the evaluation.
+    left = 27.5 * 60 - BUDGET_MARGIN_SECONDS - 600
+    assert steps_within_budget(config, 100, 600.0, 0.5) == 100 + int(left / 0.5) - 500
+    assert steps_within_budget(config, 100, 600.0, 0.01) == 2000  # never more than configured
+    assert steps_within_budget(config, 100, 1700.0, 0.5) == 100  # no time left: stop where it is
+    no_eval = TrainConfig(steps=4000, time_budget_minutes=27.5, final_eval=False)
+    assert steps_within_budget(no_eval, 100, 600.0, 0.5) == 100 + int(left / 0.5)
+
+
+def test_a_run_out_of_time_stops_early_and_says_so(workdir, tmp_path, monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    import unifier.train as train_module
+
+    monkeypatch.setattr(train_module, "BUDGET_PROBE", (1, 3))  # time updates 2-3 instead of 21-100
+    out = tmp_path / "run"
+    # A budget already spent when the probe ends: the run stops there, with its model and a checkpoint.
+    args = run_args(workdir, out, 40, zero=0, **{"time-budget-minutes": 0.01, "checkpoint-every": 2})
+    try:
+        assert train_module.main(args) == 0
+    finally:
+        AcceleratorState._reset_state(True)
+    entries = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in entries if "loss" in e] == [1, 2, 3]
+    (budget,) = [e["time_budget"] for e in entries if "time_budget" in e]
+    assert budget["configured_steps"] == 40 and budget["steps"] == 3 and budget["seconds_per_update"] > 0
+    assert [p.name for p in list_checkpoints(out)] == ["step-2", "step-3"]
+    assert json.loads((out / "checkpoints/step-3/data-rank0.json").read_text())["steps"] == 3
+    assert (out / "model" / "model.safetensors").is_file()
 
 
 def test_streams_resume_exactly_and_ranks_see_different_scenes(workdir):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -40,6 +41,10 @@ from unifier.config_files import load_yaml_with_base
 REPO = Path(__file__).resolve().parents[1]
 PRESETS_DIR = REPO / "configs" / "train"
 DEFAULT_CONFIG = PRESETS_DIR / "shapes.yaml"
+# Under a time budget these updates are timed (after start-up, up to the default warmup's end) to fit `steps`.
+BUDGET_PROBE = (20, 100)
+# Left unplanned in a budget: validation passes, checkpoints and the model folder, the results table.
+BUDGET_MARGIN_SECONDS = 90.0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -57,6 +62,13 @@ class TrainConfig:
     dropout: float | None = None  # overrides the model size's dropout
     gradient_checkpointing: bool = False
     steps: int = 2000  # optimizer updates
+    # Minutes for the whole job (tokenizer build, training, final evaluation, gallery); 0: none. Training times
+    # its updates BUDGET_PROBE and lowers `steps` (never raises it) to what fits, reserving `final_eval_updates`
+    # updates' time for the evaluation: the same job then ends in time on a slower hour or machine, with fewer updates.
+    time_budget_minutes: float = 0.0
+    # The final evaluation's duration in units of one update's, for the budget (shapes mixture, 1,000 val scenes per
+    # task, 4 text-to-image candidates: measured 400-440 on the 2-core CPU).
+    final_eval_updates: int = 500
     batch_size: int = 32  # examples per micro-batch per process
     grad_accum: int = 1  # batches per update
     # Each batch is cut by target length into this many micro-batches, so that the few long targets (text-to-image
@@ -123,6 +135,8 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.length_groups < 1 or self.length_groups > self.batch_size:
             problems.append(f"length_groups must lie in [1, batch_size], got {self.length_groups}")
+        if self.time_budget_minutes < 0 or self.final_eval_updates < 0:
+            problems.append("time_budget_minutes and final_eval_updates must be >= 0")
         if self.eval_limit is not None and self.eval_limit < 1:
             problems.append(f"eval_limit must be >= 1 (or unset), got {self.eval_limit}")
         for task, bars in self.targets.items():
@@ -465,6 +479,35 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * shape
 
 
+def fit_to_budget(config: TrainConfig, accelerator, log, bar, done: int, job_start: float, probe_start: float) -> None:
+    """Lower config.steps to what fits the time budget, from the time of the updates since `probe_start` (the same
+    count on every process: the main process's)."""
+    from accelerate.utils import broadcast
+
+    per_update = (time.perf_counter() - probe_start) / (BUDGET_PROBE[1] - BUDGET_PROBE[0])
+    steps = steps_within_budget(config, done, time.perf_counter() - job_start, per_update)
+    steps = int(broadcast(torch.tensor([steps], device=accelerator.device), from_process=0).item())
+    config.extra["time_budget"] = {"configured_steps": config.steps, "steps": steps, "seconds_per_update": per_update}
+    log.write({"step": done, "time_budget": config.extra["time_budget"]})
+    if steps < config.steps:
+        accelerator.print(
+            f"time budget {config.time_budget_minutes:g} min: {per_update:.2f} s per update here, so {steps} updates "
+            f"instead of {config.steps}"
+        )
+        config.steps = steps
+        bar.total = steps
+        bar.refresh()
+
+
+def steps_within_budget(config: TrainConfig, done: int, elapsed_seconds: float, seconds_per_update: float) -> int:
+    """The most updates (at most config.steps, at least `done`) that keep the job inside its time budget, with
+    `elapsed_seconds` of it spent after `done` updates and each further update, and the final evaluation's
+    `final_eval_updates`, taking `seconds_per_update`."""
+    left = config.time_budget_minutes * 60.0 - BUDGET_MARGIN_SECONDS - elapsed_seconds
+    affordable = int(left / seconds_per_update) - (config.final_eval_updates if config.final_eval else 0)
+    return max(done, min(config.steps, done + affordable))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints
 def save_model_folder(
@@ -501,9 +544,11 @@ def save_checkpoint(
     step: int,
     sampler,
     keep: int,
+    total_steps: int | None = None,
 ) -> Path:
     """checkpoints/step-N/: model/ (from_pretrained), state/ (optimizer, scheduler, RNG: accelerate's save_state)
-    and data-rank*.json (stream positions); built under .step-N.tmp and renamed when complete."""
+    and data-rank*.json (stream positions, and the run's planned updates); built under .step-N.tmp and renamed when
+    complete."""
     root = run_dir / "checkpoints"
     final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
     if accelerator.is_main_process:
@@ -512,6 +557,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "state"))
     position = {"step": step, "world_size": accelerator.num_processes, "streams": sampler.state_dict()}
+    if total_steps is not None:
+        position["steps"] = total_steps
     (tmp / f"data-rank{accelerator.process_index}.json").write_text(json.dumps(position, indent=1))
     save_model_folder(accelerator, model, tokenizer_folder, tmp / "model", task_options, task_decoding)
     if accelerator.is_main_process:
@@ -726,7 +773,8 @@ def train(config: TrainConfig) -> Path:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     seed_everything(config.seed)
 
-    timings = {"start": time.perf_counter()}
+    job_start = time.perf_counter()  # the time budget's clock
+    timings = {"start": job_start}
     tokenizer_folder = prepare_tokenizer(config, accelerator.is_main_process)
     timings["tokenizer_seconds"] = time.perf_counter() - timings.pop("start")
     timings["train_start"] = time.perf_counter()
@@ -767,6 +815,8 @@ def train(config: TrainConfig) -> Path:
         accelerator.load_state(str(checkpoint / "state"))
         sampler.load_state_dict(position["streams"])
         start = position["step"]
+        if config.time_budget_minutes and "steps" in position:
+            config.steps = position["steps"]  # as the budget fitted them, so the schedule goes on unchanged
         accelerator.print(f"resumed from {checkpoint} at step {start}")
 
     log = RunLog(run_dir, accelerator.is_main_process, config.tensorboard, start_step=start)
@@ -781,7 +831,12 @@ def train(config: TrainConfig) -> Path:
     task_loss = torch.zeros(len(task_names), dtype=torch.float64)
     task_tokens = torch.zeros(len(task_names), dtype=torch.float64)
     model.train()
-    for step in range(start, config.steps):
+    probe_start = None
+    for step in itertools.count(start):
+        if step >= config.steps:  # a time budget may lower config.steps on the way
+            break
+        if step == BUDGET_PROBE[0]:
+            probe_start = time.perf_counter()
         batches = sampler.update_batches(step, config.batch_size, config.grad_accum, config.length_groups)
         batches = [[group.to(accelerator.device) for group in groups] for groups in batches]
         outputs, grad_norm = train_step(
@@ -800,6 +855,8 @@ def train(config: TrainConfig) -> Path:
             window["tokens"] += int(batch["attention_mask"].sum()) + images + int(targets.sum())
         window["steps"] += 1
         done = step + 1
+        if config.time_budget_minutes and done == BUDGET_PROBE[1] and probe_start is not None:
+            fit_to_budget(config, accelerator, log, bar, done, job_start, probe_start)
 
         if done % config.log_every == 0 or done == config.steps:
             stats = torch.tensor([window["loss"], window["targets"], window["tokens"]], dtype=torch.float64)
@@ -830,12 +887,12 @@ def train(config: TrainConfig) -> Path:
             accelerator.print(f"step {done}: val loss " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
             window["time"] = time.perf_counter()  # validation time is not training throughput
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            checkpoint_at(done, keep=config.keep_last)
+            checkpoint_at(done, keep=config.keep_last, total_steps=config.steps)
             window["time"] = time.perf_counter()
 
     bar.close()
     if config.checkpoint_every:
-        checkpoint_at(config.steps, keep=config.keep_last)
+        checkpoint_at(config.steps, keep=config.keep_last, total_steps=config.steps)
     final = run_dir / "model"
     save_model_folder(accelerator, model, tokenizer_folder, final, task_options, task_decoding)
     skipped = {s.name: s.state["skipped"] for s in streams if s.state["skipped"]}
@@ -954,6 +1011,12 @@ def render_report(config: TrainConfig, table: str, timings: dict, processes: int
         f"- machine: {device}, {processes} process(es), torch {torch.__version__}, Python {platform.python_version()}",
         f"- time: {total / 60:.1f} min ({phases})",
     ]
+    budget = config.extra.get("time_budget")
+    if budget:
+        lines.append(
+            f"- time budget {config.time_budget_minutes:g} min: {budget['seconds_per_update']:.2f} s per update on "
+            f"this machine, so {budget['steps']} of the configured {budget['configured_steps']} updates"
+        )
     for task, options in config.eval_decoding.items():
         lines.append(f"- {task} decoded with " + ", ".join(f"{k} {v}" for k, v in options.items()) + " (eval_decoding)")
     if gallery is not None:
