@@ -20,8 +20,8 @@ design.md), or named with `--task` / `task=`:
 
 Options left unset decode each task as the model's run evaluated it (the model folder's decoding.json, written by
 train.py from the task files' `decoding:`): greedy VQA, 3-beam captions, text-to-image's best of 4 samples at
-top_k 32 for the shapes model. A list of prompts (and images) is a batch: the result is a list. Errors are `PredictError`s (ValueError)
-with a one-line message; the CLI prints it and exits with code 2 before writing anything.
+top_k 32 for the shapes model. A list of prompts (and images) is a batch: the result is a list. Errors are
+`PredictError`s (ValueError) with a one-line message; the CLI prints it and exits with code 2 before writing anything.
 """
 
 from __future__ import annotations
@@ -310,6 +310,7 @@ class Unifier:
         answer files resolved), then `task_options`; each task's decoding from decoding.json, replaced by the
         `decoding:` of a task file given for it."""
         from unifier.modeling import UnifierForConditionalGeneration
+        from unifier.tasks import build_task_from_config
         from unifier.tokenization import load_tokenizer
 
         folder = Path(path)
@@ -319,8 +320,6 @@ class Unifier:
             raise PredictError(f"{folder}: the model folder has no tokenizer/ folder")
         model = UnifierForConditionalGeneration.from_pretrained(str(folder))
         tokenizer = load_tokenizer(folder / "tokenizer")
-        from unifier.tasks import build_task_from_config
-
         configs = _configs_of_files(task_files)
         options = read_task_options(folder)
         options.update(task_options_of([build_task_from_config(config, tokenizer) for config in configs]))

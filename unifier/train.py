@@ -787,7 +787,7 @@ def train(config: TrainConfig) -> Path:
     seed_everything(config.seed)
 
     job_start = time.perf_counter() - process_age_seconds()  # the time budget counts the imports too
-    timings = {"start": job_start}
+    timings = {"startup_seconds": time.perf_counter() - job_start, "start": time.perf_counter()}
     tokenizer_folder = prepare_tokenizer(config, accelerator.is_main_process)
     timings["tokenizer_seconds"] = time.perf_counter() - timings.pop("start")
     timings["train_start"] = time.perf_counter()
