@@ -34,6 +34,7 @@ from unifier.train import (
     list_checkpoints,
     load_config,
     lr_factor,
+    reschedule,
     split_by_length,
     steps_within_budget,
     train,
@@ -166,7 +167,7 @@ def test_presets_start_from_a_base_file(tmp_path):
     default = load_config(REPO / "configs/train/shapes.yaml")
     assert full.steps > 3 * default.steps and full.output_dir == "runs/shapes-full"
     # The default fits the 30-minute bar on any hour of the machine; the full preset runs all its updates.
-    assert default.time_budget_minutes == 26.5 and full.time_budget_minutes == 0
+    assert default.time_budget_minutes == 26.0 and full.time_budget_minutes == 0
     assert full.eval_decoding == {"text_to_image": {"samples": 16, "guidance_scale": 3.0}} and not default.eval_decoding
     assert (full.model, full.mixture, full.targets, full.bf16) == (
         default.model,
@@ -196,12 +197,33 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lr_factor(55, linear) == pytest.approx(0.5)
 
 
+def test_a_changed_length_keeps_the_decay_continuous_and_falling():
+    config = TrainConfig(steps=1000, warmup_steps=100, lr=1.0, min_lr_ratio=0.1)
+    before = [lr_factor(s, config) for s in range(301)]
+    reschedule(config, 300, 1400)  # longer: the rate at 300 stays, then falls more slowly to the same floor
+    assert config.steps == 1400 and config.schedule_anchor[0] == 300
+    longer = [lr_factor(s, config) for s in range(300, 1401)]
+    assert longer[0] == pytest.approx(before[300])
+    assert all(a >= b for a, b in zip(longer, longer[1:], strict=False))
+    assert longer[-1] == pytest.approx(0.1) and lr_factor(800, config) > lr_factor(800, TrainConfig(steps=1000))
+    reschedule(config, 600, 700)  # then shorter: the floor comes at 700 instead
+    shorter = [lr_factor(s, config) for s in range(600, 701)]
+    assert shorter[0] == pytest.approx(longer[300])
+    assert all(a >= b for a, b in zip(shorter, shorter[1:], strict=False)) and shorter[-1] == pytest.approx(0.1)
+    early = TrainConfig(steps=1000, warmup_steps=100)
+    reschedule(early, 50, 600)  # inside the warm-up nothing has decayed yet: no anchor
+    assert early.steps == 600 and early.schedule_anchor is None
+    with pytest.raises(ValueError, match="schedule_anchor"):
+        TrainConfig(schedule_anchor=[100, 1.5])
+
+
 def test_a_budget_fits_the_updates_to_the_time_left():
     config = TrainConfig(steps=2000, time_budget_minutes=27.5, final_eval_updates=500)
     # 27.5 min less the margin, 10 min spent: 960 s left at 0.5 s an update is 1920, less 500 for the evaluation.
     left = 27.5 * 60 - BUDGET_MARGIN_SECONDS - 600
     assert steps_within_budget(config, 100, 600.0, 0.5) == 100 + int(left / 0.5) - 500
     assert steps_within_budget(config, 100, 600.0, 0.01) == 2000  # never more than configured
+    assert steps_within_budget(config, 100, 600.0, 0.01, most_steps=3000) == 3000  # a re-fit's own cap
     assert steps_within_budget(config, 100, 1700.0, 0.5) == 100  # no time left: stop where it is
     no_eval = TrainConfig(steps=4000, time_budget_minutes=27.5, final_eval=False)
     assert steps_within_budget(no_eval, 100, 600.0, 0.5) == 100 + int(left / 0.5)
@@ -227,6 +249,43 @@ def test_a_run_out_of_time_stops_early_and_says_so(workdir, tmp_path, monkeypatc
     assert [p.name for p in list_checkpoints(out)] == ["step-2", "step-3"]
     assert json.loads((out / "checkpoints/step-3/data-rank0.json").read_text())["steps"] == 3
     assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_a_budget_refits_on_the_way_and_the_rate_stays_continuous(workdir, tmp_path, monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    import unifier.train as train_module
+
+    monkeypatch.setattr(train_module, "BUDGET_PROBE", (1, 3))
+    monkeypatch.setattr(train_module, "BUDGET_REFIT_EVERY", 2)
+    # The machine's speed as the fits see it: the probe plans 6 updates, the fit at 4 finds room for 9 (more than
+    # the probe allowed, under the configured 12) and the one at 6 for 8; at 8 the run is over, and fits no more.
+    plans = iter([6, 9, 8])
+    calls = []
+
+    def scripted(config, done, elapsed, per_update, most_steps=None):
+        calls.append((done, most_steps))
+        return next(plans)
+
+    monkeypatch.setattr(train_module, "steps_within_budget", scripted)
+    out = tmp_path / "run"
+    args = run_args(workdir, out, 12, zero=0, **{"time-budget-minutes": 30, "checkpoint-every": 5, "warmup-steps": 2})
+    try:
+        assert train_module.main(args) == 0
+    finally:
+        AcceleratorState._reset_state(True)
+    assert calls == [(3, 12), (4, 12), (6, 12)]  # the cap is always the configured count
+    entries = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in entries if "loss" in e] == list(range(1, 9))
+    fits = [(e["step"], e["time_budget"]["steps"], e["time_budget"]["fits"]) for e in entries if "time_budget" in e]
+    assert fits == [(3, 6, 1), (4, 9, 2), (6, 8, 3)]
+    # The rate never jumps up at a re-fit: warm-up to update 2, then it only falls, to the floor at the last update.
+    rates = [e["lr"] for e in entries if "loss" in e]
+    assert rates[1] == pytest.approx(3e-3) and all(a >= b - 1e-12 for a, b in zip(rates[1:], rates[2:], strict=False))
+    assert rates[-1] == pytest.approx(3e-3 * 0.1)
+    position = json.loads((out / "checkpoints/step-5/data-rank0.json").read_text())
+    assert position["steps"] == 9 and position["schedule_anchor"][0] == 4
+    assert json.loads((out / "checkpoints/step-8/data-rank0.json").read_text())["steps"] == 8
 
 
 def test_streams_resume_exactly_and_ranks_see_different_scenes(workdir):

@@ -45,9 +45,14 @@ DEFAULT_CONFIG = PRESETS_DIR / "shapes.yaml"
 BUDGET_PROBE = (20, 100)
 # Left unplanned in a budget: the model folder, the gallery, the results table.
 BUDGET_MARGIN_SECONDS = 60.0
-# Updates after the probe cost more than its own: validation passes, checkpoints, a shared machine's drift (measured
-# on a slow hour: 0.61 s an update in the probe, 0.70 over the run).
+# The probe's first fit plans each update at this much more than the probe measured: later updates also pay for
+# validation passes and checkpoints, and a shared machine drifts (measured on a slow hour: 0.61 s an update in the
+# probe, 0.70 over the run). Every BUDGET_REFIT_EVERY updates after it the budget fits again, from the mean since the
+# probe (which holds those costs already) with the small BUDGET_REFIT_SLACK: it raises `steps` (up to the configured
+# count) or lowers it, and the decay goes on from where it is (see `reschedule`).
 BUDGET_UPDATE_SLACK = 1.15
+BUDGET_REFIT_SLACK = 1.03
+BUDGET_REFIT_EVERY = 200
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -70,8 +75,8 @@ class TrainConfig:
     # updates' time for the evaluation: the same job then ends in time on a slower hour or machine, with fewer updates.
     time_budget_minutes: float = 0.0
     # The final evaluation's duration in units of one update's, for the budget (shapes mixture, 1,000 val scenes per
-    # task, 4 text-to-image candidates: measured 400-440 on the 2-core CPU).
-    final_eval_updates: int = 500
+    # task, 4 text-to-image candidates: measured 380-440 on the 2-core CPU).
+    final_eval_updates: int = 450
     batch_size: int = 32  # examples per micro-batch per process
     grad_accum: int = 1  # batches per update
     # Each batch is cut by target length into this many micro-batches, so that the few long targets (text-to-image
@@ -86,6 +91,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
     warmup_steps: int = 100
     decay: str = "cosine"  # cosine | linear | constant
+    # [step, progress]: where the decay goes on from after a time budget changed `steps` mid-run (set by the run and
+    # kept in its checkpoints; not a flag). None: from the warm-up's end at progress 0.
+    schedule_anchor: list[float] | None = None
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -138,6 +146,10 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.length_groups < 1 or self.length_groups > self.batch_size:
             problems.append(f"length_groups must lie in [1, batch_size], got {self.length_groups}")
+        if self.schedule_anchor is not None and (
+            len(self.schedule_anchor) != 2 or not 0.0 <= float(self.schedule_anchor[1]) <= 1.0
+        ):
+            problems.append(f"schedule_anchor must be [step, progress in [0, 1]], got {self.schedule_anchor!r}")
         if self.time_budget_minutes < 0 or self.final_eval_updates < 0:
             problems.append("time_budget_minutes and final_eval_updates must be >= 0")
         if self.eval_limit is not None and self.eval_limit < 1:
@@ -188,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"a config of {PRESETS_DIR.relative_to(REPO)}/ by name: shapes (the default), full (12,000 steps)",
     )
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("extra", "targets", "eval_decoding"):
+        if f.name in ("extra", "targets", "eval_decoding", "schedule_anchor"):
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = f.type if isinstance(f.type, str) else f.type.__name__
@@ -477,27 +489,63 @@ def lr_factor(step: int, config: TrainConfig) -> float:
         return (step + 1) / config.warmup_steps
     if config.decay == "constant":
         return 1.0
-    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    progress = schedule_progress(step, config)
     shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if config.decay == "cosine" else 1.0 - progress
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * shape
 
 
-def fit_to_budget(config: TrainConfig, accelerator, log, bar, done: int, job_start: float, probe_start: float) -> None:
-    """Lower config.steps to what fits the time budget, from the time of the updates since `probe_start` (the same
-    count on every process: the main process's)."""
+def schedule_progress(step: int, config: TrainConfig) -> float:
+    """How far the decay is at `step` (0 at the warm-up's end, 1 at config.steps): linear in the step from the
+    schedule's anchor on."""
+    anchor_step, anchor_progress = config.schedule_anchor or (config.warmup_steps, 0.0)
+    fraction = (step - anchor_step) / max(1, config.steps - anchor_step)
+    return min(1.0, max(0.0, anchor_progress + (1.0 - anchor_progress) * fraction))
+
+
+def reschedule(config: TrainConfig, done: int, steps: int) -> None:
+    """Make the run `steps` updates long after `done` of them: the decay goes on from where it is at `done` and
+    reaches its end at the new last step, so the learning rate neither jumps nor rises on the way."""
+    if steps == config.steps:
+        return
+    if done >= config.warmup_steps:
+        config.schedule_anchor = [done, schedule_progress(done, config)]
+    config.steps = steps
+
+
+def fit_to_budget(
+    config: TrainConfig,
+    accelerator,
+    log,
+    bar,
+    done: int,
+    job_start: float,
+    since: float,
+    updates_since: int,
+    slack: float,
+    most_steps: int,
+) -> None:
+    """Set config.steps to what fits the time budget (at most `most_steps`), planning each further update at `slack`
+    times the mean of the `updates_since` updates timed since `since`; the same count on every process (the main
+    process's). Logs the decision and keeps it in config.extra["time_budget"]."""
     from accelerate.utils import broadcast
 
-    per_update = (time.perf_counter() - probe_start) / (BUDGET_PROBE[1] - BUDGET_PROBE[0])
-    steps = steps_within_budget(config, done, time.perf_counter() - job_start, per_update * BUDGET_UPDATE_SLACK)
-    steps = int(broadcast(torch.tensor([steps], device=accelerator.device), from_process=0).item())
-    config.extra["time_budget"] = {"configured_steps": config.steps, "steps": steps, "seconds_per_update": per_update}
+    per_update = (time.perf_counter() - since) / updates_since
+    planned = steps_within_budget(config, done, time.perf_counter() - job_start, per_update * slack, most_steps)
+    steps = int(broadcast(torch.tensor([planned], device=accelerator.device), from_process=0).item())
+    previous = config.steps
+    config.extra["time_budget"] = {
+        "configured_steps": most_steps,
+        "steps": steps,
+        "seconds_per_update": per_update,
+        "fits": config.extra.get("time_budget", {}).get("fits", 0) + 1,
+    }
     log.write({"step": done, "time_budget": config.extra["time_budget"]})
-    if steps < config.steps:
+    if steps != previous:
         accelerator.print(
-            f"time budget {config.time_budget_minutes:g} min: {per_update:.2f} s per update here, so {steps} updates "
-            f"instead of {config.steps}"
+            f"time budget {config.time_budget_minutes:g} min at update {done}: {per_update:.2f} s per update here, "
+            f"so {steps} updates (planned: {previous})"
         )
-        config.steps = steps
+        reschedule(config, done, steps)
         bar.total = steps
         bar.refresh()
 
@@ -512,13 +560,15 @@ def process_age_seconds() -> float:
         return 0.0
 
 
-def steps_within_budget(config: TrainConfig, done: int, elapsed_seconds: float, seconds_per_update: float) -> int:
-    """The most updates (at most config.steps, at least `done`) that keep the job inside its time budget, with
-    `elapsed_seconds` of it spent after `done` updates and each further update, and the final evaluation's
-    `final_eval_updates`, taking `seconds_per_update`."""
+def steps_within_budget(
+    config: TrainConfig, done: int, elapsed_seconds: float, seconds_per_update: float, most_steps: int | None = None
+) -> int:
+    """The most updates (at most `most_steps`, by default config.steps, and at least `done`) that keep the job inside
+    its time budget, with `elapsed_seconds` of it spent after `done` updates and each further update, and the final
+    evaluation's `final_eval_updates`, taking `seconds_per_update`."""
     left = config.time_budget_minutes * 60.0 - BUDGET_MARGIN_SECONDS - elapsed_seconds
     affordable = int(left / seconds_per_update) - (config.final_eval_updates if config.final_eval else 0)
-    return max(done, min(config.steps, done + affordable))
+    return max(done, min(config.steps if most_steps is None else most_steps, done + affordable))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -558,9 +608,10 @@ def save_checkpoint(
     sampler,
     keep: int,
     total_steps: int | None = None,
+    schedule_anchor: list[float] | None = None,
 ) -> Path:
     """checkpoints/step-N/: model/ (from_pretrained), state/ (optimizer, scheduler, RNG: accelerate's save_state)
-    and data-rank*.json (stream positions, and the run's planned updates); built under .step-N.tmp and renamed when
+    and data-rank*.json (stream positions, and the run's planned updates and schedule anchor); built under .step-N.tmp and renamed when
     complete."""
     root = run_dir / "checkpoints"
     final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
@@ -572,6 +623,8 @@ def save_checkpoint(
     position = {"step": step, "world_size": accelerator.num_processes, "streams": sampler.state_dict()}
     if total_steps is not None:
         position["steps"] = total_steps
+    if schedule_anchor is not None:
+        position["schedule_anchor"] = schedule_anchor
     (tmp / f"data-rank{accelerator.process_index}.json").write_text(json.dumps(position, indent=1))
     save_model_folder(accelerator, model, tokenizer_folder, tmp / "model", task_options, task_decoding)
     if accelerator.is_main_process:
@@ -829,7 +882,8 @@ def train(config: TrainConfig) -> Path:
         sampler.load_state_dict(position["streams"])
         start = position["step"]
         if config.time_budget_minutes and "steps" in position:
-            config.steps = position["steps"]  # as the budget fitted them, so the schedule goes on unchanged
+            # as the budget fitted them, so the schedule goes on unchanged
+            config.steps, config.schedule_anchor = position["steps"], position.get("schedule_anchor")
         accelerator.print(f"resumed from {checkpoint} at step {start}")
 
     log = RunLog(run_dir, accelerator.is_main_process, config.tensorboard, start_step=start)
@@ -844,7 +898,7 @@ def train(config: TrainConfig) -> Path:
     task_loss = torch.zeros(len(task_names), dtype=torch.float64)
     task_tokens = torch.zeros(len(task_names), dtype=torch.float64)
     model.train()
-    probe_start = None
+    probe_start, fit = None, None  # fit: the time budget's re-fit, once the probe has fitted `steps` first
     for step in itertools.count(start):
         if step >= config.steps:  # a time budget may lower config.steps on the way
             break
@@ -869,7 +923,9 @@ def train(config: TrainConfig) -> Path:
         window["steps"] += 1
         done = step + 1
         if config.time_budget_minutes and done == BUDGET_PROBE[1] and probe_start is not None:
-            fit_to_budget(config, accelerator, log, bar, done, job_start, probe_start)
+            configured_steps = config.steps
+            fit = functools.partial(fit_to_budget, config, accelerator, log, bar, most_steps=configured_steps)
+            fit(done, job_start, probe_start, done - BUDGET_PROBE[0], BUDGET_UPDATE_SLACK)
 
         if done % config.log_every == 0 or done == config.steps:
             stats = torch.tensor([window["loss"], window["targets"], window["tokens"]], dtype=torch.float64)
@@ -900,12 +956,16 @@ def train(config: TrainConfig) -> Path:
             accelerator.print(f"step {done}: val loss " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
             window["time"] = time.perf_counter()  # validation time is not training throughput
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            checkpoint_at(done, keep=config.keep_last, total_steps=config.steps)
+            checkpoint_at(done, keep=config.keep_last, total_steps=config.steps, schedule_anchor=config.schedule_anchor)
             window["time"] = time.perf_counter()
+        if fit is not None and done % BUDGET_REFIT_EVERY == 0 and done < config.steps:
+            fit(done, job_start, probe_start, done - BUDGET_PROBE[0], BUDGET_REFIT_SLACK)
 
     bar.close()
     if config.checkpoint_every:
-        checkpoint_at(config.steps, keep=config.keep_last, total_steps=config.steps)
+        checkpoint_at(
+            config.steps, keep=config.keep_last, total_steps=config.steps, schedule_anchor=config.schedule_anchor
+        )
     final = run_dir / "model"
     save_model_folder(accelerator, model, tokenizer_folder, final, task_options, task_decoding)
     skipped = {s.name: s.state["skipped"] for s in streams if s.state["skipped"]}
@@ -1028,7 +1088,8 @@ def render_report(config: TrainConfig, table: str, timings: dict, processes: int
     if budget:
         lines.append(
             f"- time budget {config.time_budget_minutes:g} min: {budget['seconds_per_update']:.2f} s per update on "
-            f"this machine, so {budget['steps']} of the configured {budget['configured_steps']} updates"
+            f"this machine (the mean since update {BUDGET_PROBE[0]} at the last of {budget['fits']} fits), so "
+            f"{budget['steps']} of the configured {budget['configured_steps']} updates"
         )
     for task, options in config.eval_decoding.items():
         lines.append(f"- {task} decoded with " + ", ".join(f"{k} {v}" for k, v in options.items()) + " (eval_decoding)")
