@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from unifier.data.records import ENTAILMENT_LABELS
@@ -172,6 +173,14 @@ def test_text_to_image_encodes_pixels_with_the_image_tokenizer(vocab, world):
     assert example.target_ids == [*vocab.code_ids(expected), vocab.eos_id]
     out = task.decode(example.target_ids, {})
     assert list(out.codes) == expected and out.image.size == (8, 8)
+    # Many outputs decode in one batch, each to the image it decodes to alone, in order.
+    other = [*vocab.code_ids([(c + 1) % NUM_CODES for c in expected]), vocab.eos_id]
+    many = task.decode_many([other, example.target_ids], [{}, {}])
+    assert [list(m.codes) for m in many] == [[(c + 1) % NUM_CODES for c in expected], expected]
+    alone, batched = (np.asarray(image, dtype=int) for image in (out.image, many[1].image))
+    assert np.abs(alone - batched).max() <= 1  # the same pixels, up to a batched convolution's rounding
+    with pytest.raises(ValueError, match="image codes, the grid needs"):
+        task.decode_many([example.target_ids, example.target_ids[:3]], [{}, {}])
 
 
 def test_shapes_task_files_and_mixture(vocab):

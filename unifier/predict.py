@@ -480,17 +480,17 @@ class Unifier:
             hypotheses = generate(
                 self.model, encoder_outputs, attention_mask, constraints, self.vocab, options, unconditional
             )
-        outputs = []
-        for example, found in zip(examples, hypotheses, strict=True):
-            decoded = []
-            for h in found:
-                if task == FREE:
-                    out = TextOutput(self.vocab.decode_text(h.ids).strip())
-                else:
-                    out = task.decode(h.ids, example.meta)
-                out.score = h.score
-                decoded.append(out)
-            outputs.append(decoded)
+        found = [(h, example) for example, hs in zip(examples, hypotheses, strict=True) for h in hs]
+        if task == FREE:
+            decoded = [TextOutput(self.vocab.decode_text(h.ids).strip()) for h, _ in found]
+        else:
+            decoded = task.decode_many([h.ids for h, _ in found], [example.meta for _, example in found])
+        outputs, taken = [], 0
+        for hs in hypotheses:  # back into one list per example
+            outputs.append(decoded[taken : taken + len(hs)])
+            taken += len(hs)
+        for out, (h, _) in zip(decoded, found, strict=True):
+            out.score = h.score
         if task != FREE and task.name == "text_to_image" and rerank and options.samples and options.samples > 1:
             self._rerank(examples, outputs)
         return outputs

@@ -13,6 +13,7 @@ Sequence conventions (OFA's):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -119,6 +120,10 @@ class UnifierTask(ABC):
     @abstractmethod
     def decode(self, ids: list[int], meta: dict[str, Any]) -> Output:
         """Generated ids (no bos, eos optional) -> typed output."""
+
+    def decode_many(self, ids: Sequence[list[int]], metas: Sequence[dict[str, Any]]) -> list[Output]:
+        """`decode` of many outputs at once (a task whose decoding runs a network batches it)."""
+        return [self.decode(i, meta) for i, meta in zip(ids, metas, strict=True)]
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return [self.vocab.bos_id, *self.vocab.encode_text(prompt), self.vocab.eos_id]
