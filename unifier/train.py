@@ -71,11 +71,13 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     steps: int = 2000  # optimizer updates
     # Minutes for the whole job (tokenizer build, training, final evaluation, gallery); 0: none. Training times
-    # its updates BUDGET_PROBE and lowers `steps` (never raises it) to what fits, reserving `final_eval_updates`
-    # updates' time for the evaluation: the same job then ends in time on a slower hour or machine, with fewer updates.
+    # its updates BUDGET_PROBE and sets `steps` (at most the configured count) to what fits, reserving
+    # `final_eval_updates` updates' time for the evaluation, then fits it again every BUDGET_REFIT_EVERY updates: the
+    # same job then ends in time on a slower hour or machine, with fewer updates.
     time_budget_minutes: float = 0.0
     # The final evaluation's duration in units of one update's, for the budget (shapes mixture, 1,000 val scenes per
-    # task, 4 text-to-image candidates: measured 380-440 on the 2-core CPU).
+    # task, 4 text-to-image candidates, updates of 32: measured 380-490 on the 2-core CPU). An update's time follows
+    # its batch and the evaluation's does not, so another batch size needs its own figure (16: about 540).
     final_eval_updates: int = 450
     batch_size: int = 32  # examples per micro-batch per process
     grad_accum: int = 1  # batches per update
