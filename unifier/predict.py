@@ -27,6 +27,7 @@ top_k 32 for the shapes model. A list of prompts (and images) is a batch: the re
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -480,17 +481,15 @@ class Unifier:
             hypotheses = generate(
                 self.model, encoder_outputs, attention_mask, constraints, self.vocab, options, unconditional
             )
-        found = [(h, example) for example, hs in zip(examples, hypotheses, strict=True) for h in hs]
+        found = [(h, example.meta) for example, hs in zip(examples, hypotheses, strict=True) for h in hs]
         if task == FREE:
             decoded = [TextOutput(self.vocab.decode_text(h.ids).strip()) for h, _ in found]
-        else:
-            decoded = task.decode_many([h.ids for h, _ in found], [example.meta for _, example in found])
-        outputs, taken = [], 0
-        for hs in hypotheses:  # back into one list per example
-            outputs.append(decoded[taken : taken + len(hs)])
-            taken += len(hs)
+        else:  # all of them at once: text-to-image batches its VQ-GAN decoder
+            decoded = task.decode_many([h.ids for h, _ in found], [meta for _, meta in found])
         for out, (h, _) in zip(decoded, found, strict=True):
             out.score = h.score
+        rest = iter(decoded)
+        outputs = [list(itertools.islice(rest, len(hs))) for hs in hypotheses]  # one list per example again
         if task != FREE and task.name == "text_to_image" and rerank and options.samples and options.samples > 1:
             self._rerank(examples, outputs)
         return outputs

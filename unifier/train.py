@@ -609,12 +609,11 @@ def save_checkpoint(
     step: int,
     sampler,
     keep: int,
-    total_steps: int | None = None,
-    schedule_anchor: list[float] | None = None,
+    schedule: dict[str, Any] | None = None,
 ) -> Path:
     """checkpoints/step-N/: model/ (from_pretrained), state/ (optimizer, scheduler, RNG: accelerate's save_state)
-    and data-rank*.json (stream positions, and the run's planned updates and schedule anchor); built under .step-N.tmp and renamed when
-    complete."""
+    and data-rank*.json (stream positions, and `schedule`: the run's planned `steps` and `schedule_anchor`); built
+    under .step-N.tmp and renamed when complete."""
     root = run_dir / "checkpoints"
     final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
     if accelerator.is_main_process:
@@ -623,10 +622,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "state"))
     position = {"step": step, "world_size": accelerator.num_processes, "streams": sampler.state_dict()}
-    if total_steps is not None:
-        position["steps"] = total_steps
-    if schedule_anchor is not None:
-        position["schedule_anchor"] = schedule_anchor
+    position.update(schedule or {})
     (tmp / f"data-rank{accelerator.process_index}.json").write_text(json.dumps(position, indent=1))
     save_model_folder(accelerator, model, tokenizer_folder, tmp / "model", task_options, task_decoding)
     if accelerator.is_main_process:
@@ -889,9 +885,12 @@ def train(config: TrainConfig) -> Path:
         accelerator.print(f"resumed from {checkpoint} at step {start}")
 
     log = RunLog(run_dir, accelerator.is_main_process, config.tensorboard, start_step=start)
-    checkpoint_at = functools.partial(
-        save_checkpoint, accelerator, model, tokenizer_folder, task_options, task_decoding, run_dir, sampler=sampler
-    )
+
+    def checkpoint_at(step: int) -> Path:  # with the schedule as a time budget has fitted it so far
+        schedule = {"steps": config.steps, "schedule_anchor": config.schedule_anchor}
+        args = (accelerator, model, tokenizer_folder, task_options, task_decoding, run_dir, step, sampler)
+        return save_checkpoint(*args, keep=config.keep_last, schedule=schedule)
+
     per_step = config.batch_size * config.grad_accum * world
     bar = tqdm(
         total=config.steps, initial=start, disable=not (config.progress and accelerator.is_main_process), unit="step"
@@ -925,8 +924,7 @@ def train(config: TrainConfig) -> Path:
         window["steps"] += 1
         done = step + 1
         if config.time_budget_minutes and done == BUDGET_PROBE[1] and probe_start is not None:
-            configured_steps = config.steps
-            fit = functools.partial(fit_to_budget, config, accelerator, log, bar, most_steps=configured_steps)
+            fit = functools.partial(fit_to_budget, config, accelerator, log, bar, most_steps=config.steps)
             fit(done, job_start, probe_start, done - BUDGET_PROBE[0], BUDGET_UPDATE_SLACK)
 
         if done % config.log_every == 0 or done == config.steps:
@@ -958,16 +956,14 @@ def train(config: TrainConfig) -> Path:
             accelerator.print(f"step {done}: val loss " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
             window["time"] = time.perf_counter()  # validation time is not training throughput
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            checkpoint_at(done, keep=config.keep_last, total_steps=config.steps, schedule_anchor=config.schedule_anchor)
+            checkpoint_at(done)
             window["time"] = time.perf_counter()
         if fit is not None and done % BUDGET_REFIT_EVERY == 0 and done < config.steps:
             fit(done, job_start, probe_start, done - BUDGET_PROBE[0], BUDGET_REFIT_SLACK)
 
     bar.close()
     if config.checkpoint_every:
-        checkpoint_at(
-            config.steps, keep=config.keep_last, total_steps=config.steps, schedule_anchor=config.schedule_anchor
-        )
+        checkpoint_at(config.steps)
     final = run_dir / "model"
     save_model_folder(accelerator, model, tokenizer_folder, final, task_options, task_decoding)
     skipped = {s.name: s.state["skipped"] for s in streams if s.state["skipped"]}
