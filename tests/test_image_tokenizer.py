@@ -16,6 +16,7 @@ from unifier.tokenization.vqgan_train import (
     ShapesImages,
     VQGANTrainConfig,
     VQGANTrainError,
+    _reset_dead_codes,
     build_lpips,
     kmeans_codebook,
     shapes_parse_accuracy,
@@ -252,10 +253,11 @@ def tiny_config(**changes):
     return VQGANTrainConfig.from_dict({**values, **changes})
 
 
-def test_training_runs_every_loss_and_resumes_exactly(tmp_path):
-    config = tiny_config()
+@pytest.mark.parametrize("flat_cells", [False, True], ids=["plain", "flat_cells"])
+def test_training_runs_every_loss_and_resumes_exactly(tmp_path, flat_cells):
+    config = tiny_config(dead_code_reset_to="far" if flat_cells else "random")
     torch.manual_seed(0)
-    straight = ImageTokenizer(SHAPES_TINY, 32, 4, legacy=False)
+    straight = ImageTokenizer(SHAPES_TINY, 32, 4, legacy=False, flat_cells=flat_cells)
     initial = {k: v.clone() for k, v in straight.state_dict().items()}
     summary = train_vqgan(straight, InterruptingShapes(32), tmp_path / "straight", config, progress=False)
     assert summary["steps"] == 6 and summary["resumed_from"] is None
@@ -264,18 +266,19 @@ def test_training_runs_every_loss_and_resumes_exactly(tmp_path):
     assert all(np.isfinite(v) for v in final.values())
     assert [p.name for p in (tmp_path / "straight").glob("checkpoint-*")] == ["checkpoint-0000006"]
 
-    interrupted = ImageTokenizer(SHAPES_TINY, 32, 4, legacy=False)
+    interrupted = ImageTokenizer(SHAPES_TINY, 32, 4, legacy=False, flat_cells=flat_cells)
     interrupted.load_state_dict(initial)
     source = InterruptingShapes(32)
     source.interrupt_at = 5
     with pytest.raises(KeyboardInterrupt):
         train_vqgan(interrupted, source, tmp_path / "resumed", config, progress=False)
     assert [p.name for p in (tmp_path / "resumed").glob("checkpoint-*")] == ["checkpoint-0000004"]
-    resumed = ImageTokenizer(SHAPES_TINY, 32, 4, legacy=False)
+    resumed = ImageTokenizer(SHAPES_TINY, 32, 4, legacy=False, flat_cells=flat_cells)
     summary = train_vqgan(resumed, InterruptingShapes(32), tmp_path / "resumed", config, progress=False)
     assert summary["resumed_from"] == 4 and summary["steps"] == 6
     for key, value in straight.state_dict().items():
         assert torch.allclose(value, resumed.state_dict()[key], atol=1e-6), key
+    assert resumed.flat_codes == straight.flat_codes and bool(straight.flat_codes) == flat_cells
 
     with pytest.raises(VQGANTrainError, match="another configuration"):
         train_vqgan(resumed, InterruptingShapes(32), tmp_path / "resumed", tiny_config(lr=5e-4), progress=False)
@@ -295,6 +298,62 @@ def test_training_reduces_reconstruction_error(tmp_path, bf16):
     assert after < 0.6 * before
 
 
+def test_flat_cells_give_each_flat_colour_one_code(tmp_path):
+    torch.manual_seed(0)
+    tokenizer = ImageTokenizer(SHAPES_TINY, 32, 4, legacy=False, flat_cells=True)
+    config = tiny_config(steps=12, disc_start=-1, save_every=100, dead_code_reset_to="far")
+    train_vqgan(tokenizer, ShapesImages(32), tmp_path / "run", config, progress=False)
+    x = ShapesImages(32).batch(10_000, 8)  # unseen scenes
+    keys, codes = tokenizer.flat_cell_keys(x), tokenizer.encode(x)
+    background = torch.mode(keys.flatten()).values.item()  # the shapes world's background colour
+    assert background >= 0 and background in tokenizer.flat_codes
+    for key in keys[keys >= 0].unique().tolist():  # every flat colour seen in training has exactly one code
+        if key in tokenizer.flat_codes:
+            assert set(codes[keys == key].tolist()) == {tokenizer.flat_codes[key]}
+    plain = ImageTokenizer(SHAPES_TINY, 32, 4, legacy=False)
+    plain.load_state_dict(tokenizer.state_dict())
+    assert len(set(plain.encode(x)[keys == background].tolist())) > 1  # the same weights alone vary with context
+
+    tokenizer.save(tmp_path / "tok")
+    config = json.loads((tmp_path / "tok" / "config.json").read_text())
+    assert config["flat_cells"] is True and all(k.count(",") == 2 for k in config["flat_codes"])
+    loaded = ImageTokenizer.load(tmp_path / "tok")
+    assert loaded.flat_codes == tokenizer.flat_codes and torch.equal(loaded.encode(x), codes)
+
+
+def test_flat_cell_keys_mark_only_cells_of_one_colour():
+    tokenizer = ImageTokenizer(SHAPES_TINY, 8, 4)  # f = 2: a 32 x 32 image is 16 x 16 cells
+    x = torch.full((1, 3, 32, 32), -1.0)
+    x[0, 0, :4, :4] = 1.0  # cells (0, 0) .. (1, 1) pure red
+    x[0, 1, 5, 5] = 1.0  # one pixel of cell (2, 2) green
+    keys = tokenizer.flat_cell_keys(x)[0]
+    assert keys.shape == (16, 16)
+    assert keys[0, 0] == keys[1, 1] == 255 << 16 and keys[0, 2] == 0 and keys[2, 2] == -1
+    assert (keys == -1).sum() == 1
+
+
+def test_flat_codes_in_config_are_checked():
+    config = ImageTokenizer(SHAPES_TINY, 8, 4, flat_cells=True, flat_codes={(1 << 16) | 2: 5}).config()
+    assert config["flat_codes"] == {"1,0,2": 5}
+    assert ImageTokenizer.from_config(config).flat_codes == {(1 << 16) | 2: 5}
+    with pytest.raises(ImageTokenizerError, match="not 'r,g,b'"):
+        ImageTokenizer.from_config({**config, "flat_codes": {"red": 5}})
+    with pytest.raises(ImageTokenizerError, match="8-bit"):
+        ImageTokenizer.from_config({**config, "flat_codes": {"1,0,300": 5}})
+
+
+def test_far_dead_code_reset_picks_latents_the_live_codes_miss():
+    tokenizer = ImageTokenizer(SHAPES_TINY, 8, 2)
+    with torch.no_grad():
+        tokenizer.quantize.embedding.weight.zero_()
+    usage = torch.tensor([5, 0, 0, 0, 0, 0, 0, 0])  # only code 0 (at the origin) is live
+    latents = torch.zeros(1, 2, 4, 4)  # (B, D, h, w): 15 latents on code 0, one far away
+    latents[0, :, 3, 3] = torch.tensor([10.0, -10.0])
+    assert _reset_dead_codes(tokenizer, latents, usage, torch.Generator().manual_seed(0), far=True) == 7
+    moved = tokenizer.quantize.embedding.weight[1:]
+    assert torch.allclose(moved, torch.tensor([10.0, -10.0]).expand(7, 2), atol=1.0)
+
+
 def test_kmeans_finds_separated_clusters():
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     points = centres.repeat(50, 1) + 0.1 * torch.randn(150, 2, generator=torch.Generator().manual_seed(0))
@@ -307,6 +366,8 @@ def test_config_errors():
         VQGANTrainConfig.from_dict({"stepz": 3})
     with pytest.raises(VQGANTrainError, match="autoencoder_warmup_steps"):
         VQGANTrainConfig.from_dict({"steps": 3, "autoencoder_warmup_steps": 3})
+    with pytest.raises(VQGANTrainError, match="dead_code_reset_to must be random or far"):
+        VQGANTrainConfig.from_dict({"dead_code_reset_to": "nearest"})
 
 
 def test_folder_images_skip_unreadable_files(tmp_path):

@@ -48,6 +48,7 @@ IMAGE_FIELDS = (
     "n_embed",
     "embed_dim",
     "quantizer",
+    "flat_cells",
     "train",
     "eval_scenes",
     "taming_checkpoint",
@@ -134,6 +135,8 @@ def normalize_recipe(raw: Any, where: str = "recipe") -> dict[str, Any]:
             image.setdefault("quantizer", {})
             _no_unknown(image["quantizer"], ("beta", "legacy"), f"{where}: image.quantizer")
             image["data"] = str(image.get("data", "shapes"))
+            if "flat_cells" in image and not isinstance(image["flat_cells"], bool):
+                raise RecipeError(f"{where}: image.flat_cells must be true or false, got {image['flat_cells']!r}")
         image["eval_scenes"] = int(image.get("eval_scenes", 500))
         recipe["image"] = image
     return recipe
@@ -312,7 +315,13 @@ def _build_image(recipe: dict[str, Any], work: Path, log, progress: bool, device
         log(f"image: loading the taming checkpoint {image['taming_checkpoint']}")
         tokenizer = ImageTokenizer.from_taming_checkpoint(image["taming_checkpoint"], image["taming_config"])
     else:
-        tokenizer = ImageTokenizer(image["ddconfig"], image["n_embed"], image["embed_dim"], **image["quantizer"])
+        tokenizer = ImageTokenizer(
+            image["ddconfig"],
+            image["n_embed"],
+            image["embed_dim"],
+            flat_cells=image.get("flat_cells", False),
+            **image["quantizer"],
+        )
         config = VQGANTrainConfig.from_dict(image["train"])
         source = build_image_source(image["data"], tokenizer.image_size, seed=recipe["seed"])
         h, w = tokenizer.code_grid

@@ -67,6 +67,10 @@ class VQGANTrainConfig:
     kmeans_images: int = 512  # images whose encoder outputs the k-means runs on
     kmeans_iterations: int = 15
     dead_code_reset_every: int = 50  # 0 disables; codes unused over this many steps move onto encoder outputs
+    # Which encoder outputs dead codes move onto: "random" (uniformly) or "far" (drawn in proportion to their squared
+    # distance from the nearest code, as k-means++ seeds). On images that are mostly flat background, "random"
+    # fills the codebook with copies of the background, which then codes the same pixels with hundreds of codes.
+    dead_code_reset_to: str = "random"
     disc_start: int = -1  # step at which the adversarial loss starts; < 0 disables the discriminator
     disc_weight: float = 0.1  # taming's discriminator_weight: scales the adaptive weight
     disc_ndf: int = 32
@@ -94,6 +98,10 @@ class VQGANTrainConfig:
         config = cls(**values)
         if config.steps < 1 or config.batch_size < 1:
             raise VQGANTrainError(f"{where}: steps and batch_size must be >= 1")
+        if config.dead_code_reset_to not in ("random", "far"):
+            raise VQGANTrainError(
+                f"{where}: dead_code_reset_to must be random or far, got {config.dead_code_reset_to!r}"
+            )
         if config.autoencoder_warmup_steps >= config.steps:
             raise VQGANTrainError(f"{where}: autoencoder_warmup_steps must be below steps")
         return config
@@ -346,6 +354,11 @@ def save_checkpoint(
         str(tmp / "tokenizer.safetensors"),
     )
     extra = {"code_usage": code_usage.cpu(), "generator_state": generator.get_state()}
+    if tokenizer.flat_cells and tokenizer._flat_means:
+        keys = sorted(tokenizer._flat_means)
+        extra["flat_keys"] = torch.tensor(keys, dtype=torch.long)
+        extra["flat_means"] = torch.stack([tokenizer._flat_means[k].cpu() for k in keys])
+        extra["flat_codes"] = torch.tensor([tokenizer.flat_codes[k] for k in keys], dtype=torch.long)
     if discriminator is not None:
         extra.update(
             {f"discriminator.{k}": v.detach().cpu().contiguous() for k, v in discriminator.state_dict().items()}
@@ -365,6 +378,10 @@ def load_checkpoint(ckpt: Path, tokenizer, discriminator, optimizers: dict, code
     tokenizer._load_model_state(load_file(str(ckpt / "tokenizer.safetensors")), str(ckpt))
     extra = load_file(str(ckpt / "train_tensors.safetensors"))
     code_usage.copy_(extra["code_usage"])
+    if "flat_keys" in extra:
+        keys = extra["flat_keys"].tolist()
+        tokenizer._flat_means = dict(zip(keys, extra["flat_means"].to(code_usage.device), strict=True))
+        tokenizer.flat_codes = dict(zip(keys, extra["flat_codes"].tolist(), strict=True))
     generator.set_state(extra["generator_state"])
     if discriminator is not None:
         discriminator.load_state_dict(
@@ -484,7 +501,9 @@ def train_vqgan(
             code_usage += torch.bincount(codes.flatten(), minlength=tokenizer.n_embed)
             every = config.dead_code_reset_every
             if every and (step + 1 - config.autoencoder_warmup_steps) % every == 0:
-                dead = _reset_dead_codes(tokenizer, latents.detach(), code_usage, generator)
+                dead = _reset_dead_codes(
+                    tokenizer, latents.detach(), code_usage, generator, far=config.dead_code_reset_to == "far"
+                )
                 code_usage.zero_()
 
         state.step += 1
@@ -535,16 +554,25 @@ def _init_codebook_by_kmeans(tokenizer: ImageTokenizer, images, config: VQGANTra
 
 
 @torch.no_grad()
-def _reset_dead_codes(tokenizer: ImageTokenizer, latents: torch.Tensor, usage: torch.Tensor, generator) -> int:
-    """Move codes that no latent chose since the last check onto random latents of this batch (plus a little noise).
+def _reset_dead_codes(
+    tokenizer: ImageTokenizer, latents: torch.Tensor, usage: torch.Tensor, generator, far: bool = False
+) -> int:
+    """Move codes that no latent chose since the last check onto latents of this batch (plus a little noise): random
+    ones, or with `far` ones drawn in proportion to their squared distance from the nearest live code.
 
     taming's quantizer has no such mechanism; without it a short run leaves most of the codebook unused.
     """
     dead = (usage == 0).nonzero().flatten()
     if dead.numel() == 0:
         return 0
-    flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])  # (B*h*w, D)
-    picks = flat[torch.randint(flat.shape[0], (dead.numel(),), generator=generator).to(flat.device)]
+    flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]).float()  # (B*h*w, D)
+    if far and dead.numel() < usage.numel():
+        live = tokenizer.quantize.embedding.weight[usage > 0].float()  # (K_live, D)
+        weights = torch.cdist(flat, live).min(1).values.pow(2).cpu()  # (B*h*w,)
+        rows = torch.multinomial(weights + 1e-12, dead.numel(), replacement=True, generator=generator)
+    else:
+        rows = torch.randint(flat.shape[0], (dead.numel(),), generator=generator)
+    picks = flat[rows.to(flat.device)]
     noise = torch.randn(picks.shape, generator=generator).to(flat.device) * 0.01 * flat.std()
     tokenizer.quantize.embedding.weight[dead] = picks + noise
     return int(dead.numel())
@@ -592,7 +620,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size is not None:
         train_values["batch_size"] = args.batch_size
     config = VQGANTrainConfig.from_dict(train_values)
-    tokenizer = ImageTokenizer(image["ddconfig"], image["n_embed"], image["embed_dim"], **image.get("quantizer", {}))
+    tokenizer = ImageTokenizer(
+        image["ddconfig"],
+        image["n_embed"],
+        image["embed_dim"],
+        flat_cells=bool(image.get("flat_cells", False)),
+        **image.get("quantizer", {}),
+    )
     data = args.images or image.get("data", "shapes")
     images = build_image_source(data, tokenizer.image_size, seed=recipe.get("seed", 0))
     out = Path(args.out)
