@@ -182,6 +182,19 @@ def test_text_to_image_encodes_pixels_with_the_image_tokenizer(vocab, world):
     with pytest.raises(ValueError, match="image codes, the grid needs"):
         task.decode_many([example.target_ids, example.target_ids[:3]], [{}, {}])
 
+    # A stream's block of records is encoded in one batch, to the codes each gets alone; a corrupt image is left
+    # without codes, so serializing it fails naming the record (and the stream skips and counts it).
+    records = [world.records("text_to_image", i)[0] for i in range(4)]
+    records.insert(2, dataclasses.replace(records[0], uid="broken", image=b"not an image"))
+    prepared = task.prepare_records(records)
+    assert [p.uid for p in prepared] == [r.uid for r in records] and prepared[2].codes is None
+    for record, ready in zip(records, prepared, strict=True):
+        if ready.uid != "broken":
+            assert list(ready.codes) == image_tokenizer.encode_images([record.image])[0]
+            assert task.example(ready).target_ids == task.example(record).target_ids
+    with pytest.raises(ValueError, match="broken|image"):
+        task.example(prepared[2])
+
 
 def test_shapes_task_files_and_mixture(vocab):
     mixture = load_mixture(REPO / "tasks/shapes/mixture.yaml")

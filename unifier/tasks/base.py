@@ -145,6 +145,12 @@ class UnifierTask(ABC):
         """Encoder text ids <s> prompt </s>; tasks whose prompt holds non-text tokens (bins) override this."""
         return self.encode_prompt(self.prompt(record))
 
+    def prepare_records(self, records: Sequence[Record]) -> list[Record]:
+        """The same records with any expensive per-record work done for all of them at once (text-to-image: the
+        VQ-GAN codes of their images, in one batched pass); the default does nothing. A record that cannot be
+        prepared is returned as it is, so that serializing it later fails and is skipped and counted."""
+        return list(records)
+
     def training_examples(self, record: Record) -> list[Example]:
         """The examples one record gives for training (caption: one per reference caption); default one."""
         return [self.example(record)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,6 +64,25 @@ class TextToImageTask(UnifierTask):
                 f"text-to-image record {record.uid!r} has {len(codes)} codes, the task expects {self.num_codes}"
             )
         return codes
+
+    def prepare_records(self, records: Sequence[TextToImageRecord]) -> list[TextToImageRecord]:
+        """Records with images but no codes get their codes from one batched VQ-GAN pass (measured on the 2-core
+        CPU: 17 ms an image one at a time)."""
+        from unifier.images import load_image
+
+        pending, images = [], []
+        for i, record in enumerate(records):
+            if record.codes is None and record.image is not None and self.image_tokenizer is not None:
+                try:
+                    images.append(load_image(record.image))
+                except (OSError, ValueError):  # ImageLoadError is a ValueError
+                    continue  # left without codes: serializing it raises, and the stream skips and counts it
+                pending.append(i)
+        prepared = list(records)
+        if images:
+            for i, codes in zip(pending, self.image_tokenizer.encode_images(images), strict=True):
+                prepared[i] = dataclasses.replace(records[i], codes=tuple(codes))
+        return prepared
 
     def target_ids(self, record: TextToImageRecord) -> list[int]:
         return [*self.vocab.code_ids(self.codes(record)), self.vocab.eos_id]
