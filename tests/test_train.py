@@ -309,6 +309,21 @@ def test_streams_resume_exactly_and_ranks_see_different_scenes(workdir):
     )
 
 
+def test_streams_spread_the_records_of_a_scene_over_many_batches(workdir):
+    from unifier.tokenization import load_tokenizer
+
+    config, _ = next(entry for entry in load_mixture(MIXTURE) if entry[0].kind == "vqa")
+    task = build_task_from_config(config, load_tokenizer(workdir / "tokenizer"))
+    stream = TaskStream(config, task, seed=0, rank=0, world_size=1)
+    block = [stream.world.records("vqa", scene) for scene in range(TaskStream.BLOCK)]
+    assert max(map(len, block)) > 1  # scenes hold several questions
+    served = [stream.next_example().record for _ in range(sum(map(len, block)))]
+    # Every question of the block's scenes once, the first of each scene before any scene's second.
+    assert sorted(r.question_id for r in served) == sorted(r.question_id for records in block for r in records)
+    assert [r.question_id for r in served[: TaskStream.BLOCK]] == [records[0].question_id for records in block]
+    assert stream.next_example().record.question_id == stream.world.records("vqa", TaskStream.BLOCK)[0].question_id
+
+
 def test_text_to_image_streams_drop_captions_at_the_configured_rate(workdir):
     from unifier.tokenization import load_tokenizer
 

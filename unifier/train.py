@@ -301,12 +301,17 @@ class TaskStream:
     """The training examples of one task for one process.
 
     The shapes world streams scenes rank, rank + W, rank + 2W, ... (W processes); a finite record set is walked
-    in a permutation drawn per epoch from the seed, each process taking every W-th record. The state (scene or
-    epoch, position) is a few integers, saved with each checkpoint. A record that fails to serialize is skipped
-    and counted, not fatal.
+    in a permutation drawn per epoch from the seed, each process taking every W-th record. Positions are read in
+    blocks of BLOCK: the task prepares a block's records in one batch (`UnifierTask.prepare_records`: text-to-image
+    encodes their images in one VQ-GAN pass), and the stream serves them interleaved, the first record of every
+    position of the block, then the second, ..., so that the several records of one scene (its questions, its
+    hypotheses) spread over many batches instead of filling one: a batch's examples of a task then show as many
+    scenes as it has examples. The state (epoch, block start, place in the block) is a few integers, saved with
+    each checkpoint. A record that fails to serialize is skipped and counted, not fatal.
     """
 
     MAX_CONSECUTIVE_SKIPS = 1000
+    BLOCK = 32
 
     def __init__(self, task_config, task, seed: int, rank: int, world_size: int):
         from unifier.tasks import open_records, shapes_world
@@ -319,34 +324,43 @@ class TaskStream:
             raise TypeError(f"task {self.name}: its train records must be a sequence (a RecordSet)")
         if self.records is not None and len(self.records) < world_size:
             raise ValueError(f"task {self.name}: {len(self.records)} train records cannot feed {world_size} processes")
+        # index: the block's first position; offset: the place in its interleaved records.
         self.state = {"epoch": 0, "index": 0, "offset": 0, "served": 0, "skipped": 0}
-        self._cache: tuple[tuple[int, int], list] | None = None  # (epoch, index) -> records of one scene
+        self._cache: tuple[tuple[int, int], list, int] | None = None  # ((epoch, index), records, positions)
 
-    def _records_at(self, epoch: int, index: int) -> list:
+    def _block(self, epoch: int, index: int) -> tuple[list, int]:
+        """(the prepared records of positions index .. index + BLOCK - 1 within the epoch, interleaved; how many
+        positions that is)."""
         if self._cache is None or self._cache[0] != (epoch, index):
             if self.world is not None:
-                records = self.world.records(self.task.name, self.rank + index * self.world_size)
+                positions = range(index, index + self.BLOCK)
+                blocks = [self.world.records(self.task.name, self.rank + i * self.world_size) for i in positions]
             else:
                 order = np.random.default_rng([self.seed, epoch, _stable_hash(self.name)]).permutation(
                     len(self.records)
                 )
-                records = [self.records[int(order[self.rank + index * self.world_size])]]
-            self._cache = ((epoch, index), records)
-        return self._cache[1]
+                last = (len(self.records) - 1 - self.rank) // self.world_size  # this process's last position
+                positions = range(index, min(index + self.BLOCK, last + 1))
+                blocks = [[self.records[int(order[self.rank + i * self.world_size])]] for i in positions]
+            interleaved = [
+                block[r] for r in range(max(map(len, blocks), default=0)) for block in blocks if r < len(block)
+            ]
+            self._cache = ((epoch, index), self.task.prepare_records(interleaved), len(positions))
+        return self._cache[1], self._cache[2]
 
-    def _advance(self) -> None:
+    def _advance(self, positions: int) -> None:
         s = self.state
         s["offset"] = 0
-        s["index"] += 1
+        s["index"] += positions
         if self.records is not None and self.rank + s["index"] * self.world_size >= len(self.records):
             s["epoch"], s["index"] = s["epoch"] + 1, 0
 
     def next_example(self):
         s, skips = self.state, 0
         while True:
-            records = self._records_at(s["epoch"], s["index"])
+            records, positions = self._block(s["epoch"], s["index"])
             if s["offset"] >= len(records):
-                self._advance()
+                self._advance(positions)
                 continue
             record = records[s["offset"]]
             s["offset"] += 1
@@ -432,10 +446,16 @@ def split_by_length(examples: Sequence, groups: int, image_positions: int = 0) -
     if not 1 <= groups <= n:
         raise ValueError(f"cannot cut {n} examples into {groups} non-empty length groups")
 
-    def cost(i: int, j: int) -> int:  # examples order[i:j] as one micro-batch
-        run = order[i:j]
-        images = image_positions if any(e.image is not None for e in run) else 0
-        return (j - i) * (max(len(e.target_ids) for e in run) + max(len(e.prompt_ids) for e in run) + images)
+    # cost[i][j]: examples order[i:j] as one micro-batch, filled by running maxima from each start.
+    cost = [[0] * (n + 1) for _ in range(n + 1)]
+    for i in range(n):
+        target = prompt = 0
+        image = False
+        for j in range(i + 1, n + 1):
+            e = order[j - 1]
+            target, prompt = max(target, len(e.target_ids)), max(prompt, len(e.prompt_ids))
+            image = image or e.image is not None
+            cost[i][j] = (j - i) * (target + prompt + (image_positions if image else 0))
 
     # best[g][j]: the least cost of order[:j] in g runs; cut[g][j]: where its last run starts.
     best = [[math.inf] * (n + 1) for _ in range(groups + 1)]
@@ -444,7 +464,7 @@ def split_by_length(examples: Sequence, groups: int, image_positions: int = 0) -
     for g in range(1, groups + 1):
         for j in range(g, n + 1):
             for i in range(g - 1, j):
-                total = best[g - 1][i] + cost(i, j)
+                total = best[g - 1][i] + cost[i][j]
                 if total < best[g][j]:
                     best[g][j], cut[g][j] = total, i
     runs, j = [], n
