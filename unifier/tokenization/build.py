@@ -135,7 +135,7 @@ def normalize_recipe(raw: Any, where: str = "recipe") -> dict[str, Any]:
             image.setdefault("quantizer", {})
             _no_unknown(image["quantizer"], ("beta", "legacy"), f"{where}: image.quantizer")
             image["data"] = str(image.get("data", "shapes"))
-            if "flat_cells" in image and not isinstance(image["flat_cells"], bool):
+            if not isinstance(image.get("flat_cells", False), bool):
                 raise RecipeError(f"{where}: image.flat_cells must be true or false, got {image['flat_cells']!r}")
         image["eval_scenes"] = int(image.get("eval_scenes", 500))
         recipe["image"] = image
@@ -300,6 +300,20 @@ def _build_text(recipe: dict[str, Any], work: Path, log):
     return train_text_model(text_corpus(recipe), work / "text.model", vocab_size=text["vocab_size"], **text["options"])
 
 
+def untrained_image_tokenizer(image: dict[str, Any]):
+    """The freshly initialised VQ-GAN of a normalized recipe's trainable `image` section (flat_cells stays out of
+    the section unless given, so that recipes without it keep their hash)."""
+    from unifier.tokenization.image_tokenizer import ImageTokenizer
+
+    return ImageTokenizer(
+        image["ddconfig"],
+        image["n_embed"],
+        image["embed_dim"],
+        flat_cells=image.get("flat_cells", False),
+        **image["quantizer"],
+    )
+
+
 def _build_image(recipe: dict[str, Any], work: Path, log, progress: bool, device: str):
     from unifier.tokenization.image_tokenizer import ImageTokenizer
     from unifier.tokenization.vqgan_train import (
@@ -315,13 +329,7 @@ def _build_image(recipe: dict[str, Any], work: Path, log, progress: bool, device
         log(f"image: loading the taming checkpoint {image['taming_checkpoint']}")
         tokenizer = ImageTokenizer.from_taming_checkpoint(image["taming_checkpoint"], image["taming_config"])
     else:
-        tokenizer = ImageTokenizer(
-            image["ddconfig"],
-            image["n_embed"],
-            image["embed_dim"],
-            flat_cells=image.get("flat_cells", False),
-            **image["quantizer"],
-        )
+        tokenizer = untrained_image_tokenizer(image)
         config = VQGANTrainConfig.from_dict(image["train"])
         source = build_image_source(image["data"], tokenizer.image_size, seed=recipe["seed"])
         h, w = tokenizer.code_grid

@@ -603,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from unifier.tokenization.build import RecipeError, load_recipe
+    from unifier.tokenization.build import RecipeError, load_recipe, untrained_image_tokenizer
 
     try:
         recipe = load_recipe(args.recipe)
@@ -620,13 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size is not None:
         train_values["batch_size"] = args.batch_size
     config = VQGANTrainConfig.from_dict(train_values)
-    tokenizer = ImageTokenizer(
-        image["ddconfig"],
-        image["n_embed"],
-        image["embed_dim"],
-        flat_cells=bool(image.get("flat_cells", False)),
-        **image.get("quantizer", {}),
-    )
+    tokenizer = untrained_image_tokenizer(image)
     data = args.images or image.get("data", "shapes")
     images = build_image_source(data, tokenizer.image_size, seed=recipe.get("seed", 0))
     out = Path(args.out)
