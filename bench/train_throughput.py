@@ -1,8 +1,9 @@
 """python bench/train_throughput.py [--sizes tiny base] [--steps 10] [--out runs/bench/train_throughput.json]
 
 Training throughput of the Unifier model: samples/s, tokens/s and model FLOPs utilisation (MFU) for each model size,
-single process vs DeepSpeed ZeRO-2 with 2 processes, fp32 vs bf16 autocast, and the ratio of DeepSpeed ZeRO-2
-(single process) to a plain torch loop at the tiny size.
+single process vs DeepSpeed ZeRO-2 with 2 processes, fp32 vs bf16 autocast, the ratio of DeepSpeed ZeRO-2
+(single process) to a plain torch loop at the tiny size, and at the tiny size the main job's setting (ZeRO-2, one
+process, bf16) with each attention kernel (`attn_implementation` sdpa and eager).
 
 Every configuration runs in its own process (`torchrun` for 2 processes) through unifier.train's own accelerator
 and `train_step`, on fixed pre-collated batches of the shapes-world mixture (data preparation is not timed), with a
@@ -85,14 +86,22 @@ def worker(spec: dict) -> None:
         train_step,
     )
 
-    config = TrainConfig(zero=spec["zero"], bf16=spec["bf16"], batch_size=spec["batch_size"], steps=1000, seed=0)
+    attention = spec.get("attention", "sdpa")
+    config = TrainConfig(
+        zero=spec["zero"],
+        bf16=spec["bf16"],
+        batch_size=spec["batch_size"],
+        steps=1000,
+        seed=0,
+        attn_implementation=attention,
+    )
     accelerator = make_accelerator(config)
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(0)
     tokenizer = load_tokenizer(spec["tokenizer"])
     mixture = load_mixture(REPO / "tasks/shapes/mixture.yaml")
     tasks = [build_task_from_config(c, tokenizer) for c, _ in mixture]
-    model = build_model(spec["size"], tokenizer, dropout=0.0)
+    model = build_model(spec["size"], tokenizer, dropout=0.0, attn_implementation=attention)
     collate = Collator(tokenizer, model.config.image_size, [t.name for t in tasks], drop_text_only_images=False)
     streams = [TaskStream(c, t, 0, rank, world) for (c, _), t in zip(mixture, tasks, strict=True)]
     patches = model.config.num_patches
@@ -137,6 +146,7 @@ def worker(spec: dict) -> None:
         samples = config.batch_size * world
         result = {
             **{k: spec[k] for k in ("size", "zero", "bf16", "processes", "batch_size")},
+            "attention": attention,
             "parameters": parameters,
             "step_s": step_time,
             "samples_per_s": samples / step_time,
@@ -204,7 +214,8 @@ def run(spec: dict, timeout: int) -> dict | None:
 
 def describe(spec: dict) -> str:
     engine = "plain" if spec["zero"] == 0 else f"ZeRO-{spec['zero']}"
-    return f"{spec['size']:<5} {engine:<7} x{spec['processes']} {'bf16' if spec['bf16'] else 'fp32'}"
+    precision = "bf16" if spec["bf16"] else "fp32"
+    return f"{spec['size']:<5} {engine:<7} x{spec['processes']} {precision} {spec.get('attention', 'sdpa'):<5}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,8 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes:
         steps = args.steps if size == "tiny" else max(2, args.steps // 4)
         grid = [(0, 1, False), (0, 1, True), (2, 1, False), (2, 1, True), (2, 2, False), (2, 2, True)]
-        for zero, processes, bf16 in grid:
+        grid = [(*setting, "sdpa") for setting in grid]
+        if size == "tiny":  # the main job's setting with the other kernel
+            grid.append((2, 1, True, "eager"))
+        for zero, processes, bf16, attention in grid:
             spec = {
+                "attention": attention,
                 "size": size,
                 "zero": zero,
                 "processes": processes,
@@ -253,10 +268,10 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
-    def find(size, zero, processes, bf16):
+    def find(size, zero, processes, bf16, attention="sdpa"):
+        key = (size, zero, processes, bf16, attention)
         return next(
-            (r for r in results if (r["size"], r["zero"], r["processes"], r["bf16"]) == (size, zero, processes, bf16)),
-            None,
+            (r for r in results if (r["size"], r["zero"], r["processes"], r["bf16"], r["attention"]) == key), None
         )
 
     plain, zero2 = find("tiny", 0, 1, False), find("tiny", 2, 1, False)
@@ -264,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     if plain and zero2:
         summary["tiny_zero2_over_plain"] = zero2["samples_per_s"] / plain["samples_per_s"]
         print(f"tiny, 1 process, fp32: DeepSpeed ZeRO-2 / plain torch loop = {summary['tiny_zero2_over_plain']:.2f}")
+    sdpa, eager = find("tiny", 2, 1, True), find("tiny", 2, 1, True, "eager")
+    if sdpa and eager:
+        summary["tiny_eager_over_sdpa"] = eager["samples_per_s"] / sdpa["samples_per_s"]
+        print(
+            f"tiny, ZeRO-2, 1 process, bf16: eager / sdpa attention samples/s = {summary['tiny_eager_over_sdpa']:.2f}"
+        )
     for size in args.sizes:
         fp32, bf16 = find(size, 0, 1, False), find(size, 0, 1, True)
         if fp32 and bf16:

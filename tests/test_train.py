@@ -30,7 +30,9 @@ from unifier.train import (
     MixtureSampler,
     TaskStream,
     TrainConfig,
+    build_optimizer,
     build_parser,
+    build_training_model,
     list_checkpoints,
     load_config,
     lr_factor,
@@ -147,6 +149,36 @@ def test_config_file_and_flags(tmp_path):
         load_config(tmp_path / "bad.yaml")
     with pytest.raises(ValueError, match="zero must be 0, 1, 2 or 3"):
         TrainConfig(zero=4)
+
+
+def test_the_training_model_takes_the_run_s_attention_kernel_and_both_kernels_train_alike(workdir):
+    from unifier.batching import Collator
+    from unifier.tokenization import load_tokenizer
+
+    assert load_config(DEFAULT_CONFIG).attn_implementation == "eager"  # the main job's, for its CPU speed
+    with pytest.raises(ValueError, match="attn_implementation must be sdpa or eager, got 'flash'"):
+        TrainConfig(attn_implementation="flash")
+    tokenizer, tasks, examples = mixture_examples(workdir, 12)
+    collate = Collator(tokenizer, 32, [t.name for t in tasks], drop_text_only_images=False)  # the model's image size
+    batch = collate(examples)
+    losses_by_kernel = {}
+    for kernel in ("sdpa", "eager"):
+        config = TrainConfig(model=str(workdir / "tiny.yaml"), dropout=0.0, attn_implementation=kernel, lr=1e-2)
+        torch.manual_seed(0)
+        model = build_training_model(config, load_tokenizer(workdir / "tokenizer"))
+        assert model.config._attn_implementation == kernel
+        optimizer = build_optimizer(model, config)
+        assert all(group["fused"] for group in optimizer.param_groups)
+        kernel_losses = []
+        for _ in range(3):
+            loss = model(**batch.model_inputs()).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            kernel_losses.append(loss.item())
+        losses_by_kernel[kernel] = kernel_losses
+    assert losses_by_kernel["sdpa"][-1] < losses_by_kernel["sdpa"][0]  # it trains
+    assert losses_by_kernel["eager"] == pytest.approx(losses_by_kernel["sdpa"], rel=1e-4)
 
 
 def test_eval_decoding_is_checked_before_anything_runs(tmp_path):
