@@ -14,7 +14,7 @@ import yaml
 from test_image_tokenizer import write_taming_checkpoint
 
 from unifier import cli
-from unifier.tokenization import TokenizerFolderError, load_tokenizer, vqgan_train
+from unifier.tokenization import IMAGE_TOKENIZER_DIR, TokenizerFolderError, load_tokenizer, vqgan_train
 from unifier.tokenization import build as build_module
 from unifier.tokenization.build import BuildError, RecipeError, build_tokenizer, load_recipe, main
 
@@ -113,6 +113,25 @@ def test_build_writes_a_complete_folder(built):
     assert info["vocab"]["codes"] == 32 and info["vocab"]["bins"] == 100
     assert info["image"]["train"]["steps"] == 3
     assert info["image"]["eval"]["clean_parse_accuracy"] == 1.0
+
+
+def test_a_recipe_builds_the_same_vqgan_whatever_torch_s_generator_held(built, tmp_path):
+    from safetensors.torch import load_file
+
+    recipe, first = built
+    torch.manual_seed(12345)  # torch starts every process at another seed; the build must not depend on it
+    again = tmp_path / "again"
+    assert main(["build", str(recipe), "--out", str(again), "--quiet"]) == 0
+    weights = [load_file(folder / IMAGE_TOKENIZER_DIR / "model.safetensors") for folder in (first, again)]
+    assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
+    state = torch.get_rng_state()
+    other = build_module.untrained_image_tokenizer(load_recipe(recipe)["image"], seed=1)
+    same_seed = build_module.untrained_image_tokenizer(load_recipe(recipe)["image"], seed=1)
+    assert torch.equal(other.encoder.conv_in.weight, same_seed.encoder.conv_in.weight)
+    assert not torch.equal(other.encoder.conv_in.weight, weights[0]["encoder.conv_in.weight"])  # seed 0's
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is left alone
 
 
 def test_built_folder_loads_and_round_trips(built):

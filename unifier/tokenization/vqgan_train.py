@@ -620,7 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size is not None:
         train_values["batch_size"] = args.batch_size
     config = VQGANTrainConfig.from_dict(train_values)
-    tokenizer = untrained_image_tokenizer(image)
+    tokenizer = untrained_image_tokenizer(image, recipe["seed"])
     data = args.images or image.get("data", "shapes")
     images = build_image_source(data, tokenizer.image_size, seed=recipe.get("seed", 0))
     out = Path(args.out)
