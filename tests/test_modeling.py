@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -191,6 +192,36 @@ def test_generate_greedy_and_beam_through_both_encoder_paths(vocab):
             encoder_outputs=encoder_outputs, attention_mask=full_mask, num_beams=3, num_return_sequences=2, **settings
         )
         assert beam_kwargs.shape == (6, 7) and torch.equal(beam_kwargs, beam_encoded)
+
+
+def test_decoding_step_by_step_through_the_returned_cache_matches_the_full_pass(vocab):
+    torch.manual_seed(2)
+    model = build_model({**TINY, "init_std": 0.5}, vocab).eval()
+    inputs = make_inputs(vocab, target=6)
+    prompt = {k: inputs[k] for k in ("pixel_values", "image_mask", "input_ids", "attention_mask")}
+    targets = inputs["labels"].clamp(min=4)  # (3, 6) decoder inputs
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        encoder_outputs, full_mask = model.encode(**prompt)
+        full = model(encoder_outputs=encoder_outputs, attention_mask=full_mask, decoder_input_ids=targets).logits
+        step = model(
+            encoder_outputs=encoder_outputs, attention_mask=full_mask, decoder_input_ids=targets[:, :3], use_cache=True
+        )
+        steps = [step.logits]
+        for position in range(3, 6):
+            step = model(
+                encoder_outputs=encoder_outputs,
+                attention_mask=full_mask,
+                decoder_input_ids=targets[:, position : position + 1],
+                cache=step.cache,
+                use_cache=True,
+            )
+            steps.append(step.logits)
+        model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert step.cache.get_seq_length() == 6
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+    # transformers 5.24 renamed `past_key_values` to `cache` and drops the old name in 5.40.
+    assert not [str(w.message) for w in caught if "past_key_values" in str(w.message)]
 
 
 def test_image_positions_start_at_the_scale_of_the_patch_features(vocab):

@@ -374,10 +374,10 @@ class ClassifierFreeGuidanceProcessor(LogitsProcessor):
             encoder_outputs=BaseModelOutput(last_hidden_state=self.states),
             attention_mask=self.mask,
             decoder_input_ids=input_ids[:, self.seen :],
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
         )
-        self.cache, self.seen = out.past_key_values, input_ids.shape[1]
+        self.cache, self.seen = out.cache, input_ids.shape[1]
         conditional = torch.log_softmax(scores.float(), dim=-1)  # (R, V)
         unconditional = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (R, V)
         return (unconditional + self.scale * (conditional - unconditional)).to(scores.dtype)

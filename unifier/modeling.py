@@ -276,7 +276,7 @@ class UnifierPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = [r"BartEncoderLayer", r"BartDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -373,7 +373,7 @@ class UnifierForConditionalGeneration(UnifierPreTrainedModel, GenerationMixin):
         decoder_input_ids: torch.LongTensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         encoder_outputs: BaseModelOutput | tuple | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         labels: torch.LongTensor | None = None,
         allowed_tokens: torch.Tensor | None = None,
         allowed_rows: torch.Tensor | None = None,
@@ -408,7 +408,7 @@ class UnifierForConditionalGeneration(UnifierPreTrainedModel, GenerationMixin):
             attention_mask=decoder_attention_mask,
             encoder_hidden_states=encoder_outputs.last_hidden_state,
             encoder_attention_mask=encoder_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache if labels is None else False,
             **kwargs,
         )
@@ -433,7 +433,7 @@ class UnifierForConditionalGeneration(UnifierPreTrainedModel, GenerationMixin):
             loss=loss,
             token_loss=token_loss,
             logits=logits,
-            past_key_values=decoder_out.past_key_values,
+            cache=decoder_out.cache,
             decoder_hidden_states=decoder_out.hidden_states,
             decoder_attentions=decoder_out.attentions,
             cross_attentions=decoder_out.cross_attentions,
