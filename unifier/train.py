@@ -496,7 +496,7 @@ def validation_batches(mixture, tasks, collate, count: int, batch_size: int) -> 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Optimizer and schedule
+# Model, optimizer and schedule
 def build_training_model(config: TrainConfig, tokenizer):
     """The freshly initialised model a run trains: its size, dropout, attention kernel and checkpointing."""
     from unifier.modeling import build_model
