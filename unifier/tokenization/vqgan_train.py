@@ -622,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = VQGANTrainConfig.from_dict(train_values)
     tokenizer = untrained_image_tokenizer(image, recipe["seed"])
     data = args.images or image.get("data", "shapes")
-    images = build_image_source(data, tokenizer.image_size, seed=recipe.get("seed", 0))
+    images = build_image_source(data, tokenizer.image_size, seed=recipe["seed"])
     out = Path(args.out)
     summary = train_vqgan(tokenizer, images, out / "run", config, progress=not args.quiet, device=args.device)
     tokenizer.cpu().save(out)
