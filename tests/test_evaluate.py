@@ -160,6 +160,10 @@ def test_cli_with_a_task_file_and_with_data(model_dir, shapes_dir, tmp_path, cap
     assert main([*args, *t2i, "--guidance-scale", "3"]) == 0
     metrics = json.loads((tmp_path / "text_to_image_metrics.json").read_text())
     assert metrics["decoding"]["guidance_scale"] == 3.0 and metrics["decoding"]["samples"] == 2
+    assert metrics["bf16"] is False
+    assert main([*args, *t2i, "--bf16"]) == 0
+    metrics = json.loads((tmp_path / "text_to_image_metrics.json").read_text())
+    assert metrics["bf16"] is True and metrics["count"] == 2
 
 
 @pytest.mark.parametrize(

@@ -211,6 +211,32 @@ def test_text_to_image_samples_are_reranked_by_the_caption_likelihood(unifier):
     assert [s.codes for s in unguided] == [s.codes for s in samples]
 
 
+def test_bf16_runs_the_model_and_the_image_decoder_in_bf16_and_keeps_the_weights(model_dir, scene_png):
+    """Under bf16 the model's matrix products and the VQ-GAN decoder's convolutions run in bf16 (what makes it
+    faster), the weights stay fp32, and answer scores stay within bf16's rounding of the fp32 model's."""
+    fp32, bf16 = (Unifier.from_pretrained(model_dir, device="cpu", bf16=flag) for flag in (False, True))
+    seen: dict[str, set] = {"lm_head": set(), "decoder_conv": set()}
+    hooks = [
+        bf16.model.lm_head.register_forward_hook(lambda m, i, out: seen["lm_head"].add(out.dtype)),
+        bf16.image_tokenizer.decoder.conv_out.register_forward_hook(
+            lambda m, i, out: seen["decoder_conv"].add(out.dtype)
+        ),
+    ]
+    prompt = " what is the complete image? caption: a small red circle"
+    images = bf16.predict(prompt=prompt, samples=2, seed=0, top_k=8)
+    assert all(isinstance(s, ImageOutput) and s.image.size == (16, 16) for s in images)
+    assert seen == {"lm_head": {torch.bfloat16}, "decoder_conv": {torch.bfloat16}}
+    for hook in hooks:
+        hook.remove()
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
+    question = " what color is the small circle?"
+    scored = [u.predict(image=scene_png, prompt=question, closed_set="score", num_return=5) for u in (fp32, bf16)]
+    fp32_scores, bf16_scores = ({a.text: a.score for a in answers} for answers in scored)
+    assert set(fp32_scores) == set(VQA_ANSWERS)
+    assert bf16_scores == pytest.approx(fp32_scores, abs=0.05)  # bf16 keeps ~3 significant digits
+    assert torch.is_autocast_enabled("cpu") is False  # the autocast ends with the call
+
+
 def test_a_batch_of_mixed_prompts_answers_like_single_calls(unifier, scene_png):
     prompts = [
         " what color is the small circle?",

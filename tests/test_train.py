@@ -592,6 +592,7 @@ def test_two_process_zero2_run_learns_checkpoints_and_resumes_exactly(workdir, t
         assert summary["processes"] == 2 and summary["count"] == 6, summary
         assert (full / "eval" / f"{name}_results.json").is_file()
         assert summary["decoding"].get("samples") == {"text_to_image": 2}.get(name), summary["decoding"]
+        assert summary["bf16"] is True  # the job trains under bf16 autocast (shapes.yaml) and evaluates so too
     report = (full / "results.md").read_text()
     assert all(f"| {name} |" in report for name in names) and "2 process(es)" in report
     assert "- text_to_image decoded with samples 2 (eval_decoding)" in report

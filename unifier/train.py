@@ -1027,7 +1027,8 @@ def final_report(config: TrainConfig, model_folder: Path, run_dir: Path, acceler
     from unifier.tasks import load_mixture
 
     start = time.perf_counter()
-    unifier = Unifier.from_pretrained(model_folder, device=accelerator.device)
+    # A model trained under bf16 autocast is evaluated under it too (and its evaluation takes less of the budget).
+    unifier = Unifier.from_pretrained(model_folder, device=accelerator.device, bf16=config.bf16)
     summaries = evaluate_mixture(
         unifier,
         config.mixture,
