@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from unifier.data.shapes import corpus
+from unifier.precision import has_native_bf16
 from unifier.tasks import build_task_from_config, load_mixture, prompt_texts
 from unifier.tokenization import UnifierTokenizer
 from unifier.tokenization.image_tokenizer import ImageTokenizer
@@ -530,6 +532,8 @@ def test_plain_loop_run_writes_logs_checkpoints_and_a_loadable_model(workdir, tm
     entries = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     train_entries = [e for e in entries if "loss" in e]
     assert [e["step"] for e in train_entries] == [1, 2, 3, 4, 5, 6]
+    # shapes.yaml's bf16: auto, resolved for this CPU: the run's config says what it did
+    assert yaml.safe_load((out / "config.yaml").read_text())["bf16"] is has_native_bf16("cpu")
     assert all(e["samples_per_s"] > 0 and e["task_loss"] and e["grad_norm"] > 0 for e in train_entries)
     val = [e for e in entries if "val_loss" in e]
     assert [e["step"] for e in val] == [3, 6] and set(val[0]["val_loss"]) == {c.name for c, _ in load_mixture(MIXTURE)}
@@ -592,9 +596,11 @@ def test_two_process_zero2_run_learns_checkpoints_and_resumes_exactly(workdir, t
         assert summary["processes"] == 2 and summary["count"] == 6, summary
         assert (full / "eval" / f"{name}_results.json").is_file()
         assert summary["decoding"].get("samples") == {"text_to_image": 2}.get(name), summary["decoding"]
-        assert summary["bf16"] is True  # the job trains under bf16 autocast (shapes.yaml) and evaluates so too
+        # bf16: auto (shapes.yaml): the job trains under bf16 autocast where the CPU has it and evaluates so too
+        assert summary["bf16"] is has_native_bf16("cpu")
     report = (full / "results.md").read_text()
     assert all(f"| {name} |" in report for name in names) and "2 process(es)" in report
+    assert f"2 process(es), {'bf16 autocast' if has_native_bf16('cpu') else 'fp32'}," in report
     assert "- text_to_image decoded with samples 2 (eval_decoding)" in report
     assert (full / "gallery" / "index.html").is_file()
     assert json.loads((full / "model" / "tasks.json").read_text())["vqa"]["answers"][:2] == ["yes", "no"]

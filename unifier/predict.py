@@ -259,7 +259,8 @@ class Unifier:
     task_decoding: {task kind: `decoding:` mapping} (e.g. {"vqa": {"num_beams": 1}}), as in tasks/*.yaml
     `decoding`: how `predict` decodes a task when the call does not say (DecodingOptions' defaults otherwise);
     bf16: run the model and the VQ-GAN decoder under bf16 autocast (weights stay fp32), as a bf16-trained model was
-    trained: on CPUs with bf16 instructions and on GPUs it decodes 1.6-2.4x faster (bench/evaluation.py).
+    trained: on CPUs with bf16 instructions and on GPUs it decodes 1.6-2.4x faster (bench/evaluation.py); "auto"
+    takes it where the device has bf16 in hardware (unifier.precision), and true on one that emulates it warns.
     """
 
     def __init__(
@@ -269,14 +270,15 @@ class Unifier:
         task_options: dict[str, dict[str, Any]] | None = None,
         device: Any = None,
         task_decoding: dict[str, dict[str, Any]] | None = None,
-        bf16: bool = False,
+        bf16: bool | str = False,
     ):
         import torch
 
         from unifier.batching import Collator
+        from unifier.precision import resolve_bf16
 
         self.device = torch.device(device or _default_device())
-        self.bf16 = bool(bf16)
+        self.bf16 = resolve_bf16(bf16, self.device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.vocab = getattr(tokenizer, "vocab", tokenizer)
@@ -308,7 +310,7 @@ class Unifier:
         device: Any = None,
         task_options: dict[str, dict[str, Any]] | None = None,
         task_files: Sequence[str | Path] = (),
-        bf16: bool = False,
+        bf16: bool | str = False,
     ) -> Unifier:
         """Load a model folder (config.json, model.safetensors, tokenizer/, optional tasks.json and decoding.json).
 

@@ -37,6 +37,7 @@ import torch
 import yaml
 
 from unifier.config_files import load_yaml_with_base
+from unifier.precision import describe_device, resolve_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS_DIR = REPO / "configs" / "train"
@@ -105,7 +106,9 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
-    bf16: bool = False  # bf16 autocast (measured: see bench/train_throughput.py)
+    # bf16 autocast (measured: bench/train_throughput.py). "auto": where the device multiplies bf16 in hardware,
+    # fp32 elsewhere (unifier.precision); the run's config.yaml and summary record which it took.
+    bf16: bool | str = False
     zero: int = 2  # DeepSpeed ZeRO stage; 0 = plain torch loop (DDP under a launcher)
     seed: int = 0
     log_every: int = 10
@@ -158,6 +161,8 @@ class TrainConfig:
             len(self.schedule_anchor) != 2 or not 0.0 <= float(self.schedule_anchor[1]) <= 1.0
         ):
             problems.append(f"schedule_anchor must be [step, progress in [0, 1]], got {self.schedule_anchor!r}")
+        if not isinstance(self.bf16, bool) and str(self.bf16).strip().lower() != "auto":
+            problems.append(f"bf16 must be true, false or auto, got {self.bf16!r}")
         if self.time_budget_minutes < 0 or self.final_eval_updates < 0:
             problems.append("time_budget_minutes and final_eval_updates must be >= 0")
         if self.eval_limit is not None and self.eval_limit < 1:
@@ -868,7 +873,11 @@ def train(config: TrainConfig) -> Path:
             f"{run_dir} already holds a run ({', '.join(previous)}): continue it with --resume latest, or give "
             "another --output-dir (or remove that folder)"
         )
+    config.bf16 = resolve_bf16(config.bf16, "cuda" if torch.cuda.is_available() else "cpu")
     accelerator = make_accelerator(config)
+    accelerator.print(
+        f"precision: {'bf16 autocast' if config.bf16 else 'fp32'} on {describe_device(accelerator.device)}"
+    )
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -1104,7 +1113,10 @@ def render_report(config: TrainConfig, table: str, timings: dict, processes: int
     """results.md: the table plus what produced it (command, machine, time per phase)."""
     import platform
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    device = describe_device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        device += f", {os.cpu_count()} cores"
+    precision = "bf16 autocast" if config.bf16 else "fp32"
     phases = ", ".join(f"{k.removesuffix('_seconds')} {v / 60:.1f} min" for k, v in timings.items())
     total = sum(timings.values())
     lines = [
@@ -1115,7 +1127,8 @@ def render_report(config: TrainConfig, table: str, timings: dict, processes: int
         f"- command: `{' '.join(['python', *sys.argv]) if sys.argv else 'train()'}`",
         f"- model `{config.model}`, {config.steps} steps of {config.batch_size * config.grad_accum * processes} "
         f"examples, mixture `{config.mixture}`, evaluated on the `{config.eval_split}` split of each task file",
-        f"- machine: {device}, {processes} process(es), torch {torch.__version__}, Python {platform.python_version()}",
+        f"- machine: {device}, {processes} process(es), {precision}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}",
         f"- time: {total / 60:.1f} min ({phases})",
     ]
     budget = config.extra.get("time_budget")

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from unifier.precision import AUTO, resolve_bf16
 from unifier.tokenization.image_tokenizer import ImageTokenizer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -83,8 +84,9 @@ class VQGANTrainConfig:
     seed: int = 0
     torch_threads: int | None = None  # torch.set_num_threads; None keeps torch's default
     # bf16 autocast for the convolutions (the quantizer's nearest-code search stays fp32): measured 1.7x faster
-    # per step on this project's AMX CPU (bench/tokenizer_throughput.py), on GPUs the usual gain.
-    bf16: bool = False
+    # per step on this project's AMX CPU (bench/tokenizer_throughput.py), on GPUs the usual gain; 35x slower on a
+    # CPU that emulates bf16 (AVX2 only). "auto": bf16 where the device has it in hardware (unifier.precision).
+    bf16: bool | str = False
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None, where: str = "image.train") -> VQGANTrainConfig:
@@ -102,6 +104,8 @@ class VQGANTrainConfig:
             raise VQGANTrainError(
                 f"{where}: dead_code_reset_to must be random or far, got {config.dead_code_reset_to!r}"
             )
+        if not isinstance(config.bf16, bool) and str(config.bf16).strip().lower() != AUTO:
+            raise VQGANTrainError(f"{where}: bf16 must be true, false or {AUTO}, got {config.bf16!r}")
         if config.autoencoder_warmup_steps >= config.steps:
             raise VQGANTrainError(f"{where}: autoencoder_warmup_steps must be below steps")
         return config
@@ -405,7 +409,8 @@ def train_vqgan(
     """Train `tokenizer` in place on `images` (anything with `.batch(step, batch_size) -> (B, 3, S, S)`).
 
     Resumes from the newest checkpoint in `run_dir` when one exists (its run_config.json must match).
-    Returns {"steps", "seconds", "final": last logged losses, "resumed_from": step or None}.
+    Returns {"steps", "seconds", "bf16": whether it ran under bf16 autocast, "final": last logged losses,
+    "resumed_from": step or None}.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -419,6 +424,7 @@ def train_vqgan(
         config_path.write_text(json.dumps(run_config, indent=2) + "\n")
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
+    bf16 = resolve_bf16(config.bf16, device)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
 
@@ -459,7 +465,7 @@ def train_vqgan(
 
         if step == config.autoencoder_warmup_steps and config.autoencoder_warmup_steps > 0:
             _init_codebook_by_kmeans(tokenizer, images, config, generator, device)
-        autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=config.bf16)
+        autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
         with autocast:
             if step < config.autoencoder_warmup_steps:
                 latents = tokenizer.encode_latents(x)  # (B, D, h, w)
@@ -534,6 +540,7 @@ def train_vqgan(
     return {
         "steps": state.step,
         "seconds": round(state.elapsed_seconds, 1),
+        "bf16": bf16,
         "final": logged,
         "resumed_from": resumed_from,
     }
