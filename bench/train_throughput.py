@@ -233,6 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     peaks = {bf16: peak_flops(bf16) for bf16 in (False, True)}
     for bf16, (peak, how) in peaks.items():
         print(f"peak {'bf16' if bf16 else 'fp32'}: {peak / 1e9:.1f} GFLOP/s ({how})")
+    # What `bf16: auto` makes of this device, beside the measured peaks that should agree with it.
+    from unifier.precision import describe_device, has_native_bf16
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    native = has_native_bf16(device)
+    print(
+        f"{describe_device(device)}: bf16 in hardware {native}, so bf16: auto trains in {'bf16' if native else 'fp32'}"
+    )
     work = Path(tempfile.mkdtemp(prefix="unifier-bench-"))
     tokenizer = make_tokenizer(work)
     results = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -29,6 +30,11 @@ def test_auto_takes_bf16_only_on_a_cpu_with_bf16_instructions(x86):
     assert resolve_bf16("auto", "cpu") is True
 
 
+def test_devices_without_cuda_or_other_kinds_have_no_native_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert has_native_bf16("cuda") is False and has_native_bf16("meta") is False
+
+
 def test_true_and_false_are_obeyed_and_true_on_an_emulating_cpu_warns(x86):
     with pytest.warns(RuntimeWarning, match=r"no bf16 instructions.*--no-bf16"):
         assert resolve_bf16(True, "cpu") is True
@@ -41,33 +47,8 @@ def test_true_and_false_are_obeyed_and_true_on_an_emulating_cpu_warns(x86):
 
 @pytest.mark.parametrize("setting", ["yes", "bf16", 1, None])
 def test_anything_else_is_an_error_naming_the_value(setting):
-    with pytest.raises(ValueError, match="bf16 must be true, false or 'auto'"):
+    with pytest.raises(ValueError, match=re.escape(f"bf16 must be true, false or auto, got {setting!r}")):
         resolve_bf16(setting, "cpu")
-
-
-def test_this_machine_s_answer_matches_a_measurement():
-    """Where bf16 is native a bf16 matrix product is not much slower than fp32 (4.3x faster on an AVX-512 BF16
-    EPYC); on an AVX2 CPU, which emulates it, it is slower (137x on an AVX2 EPYC). Wide margins for a shared
-    machine. (AVX-512 without BF16 emulates it at about fp32's speed: nothing to check there.)"""
-    import time
-
-    native = has_native_bf16("cpu")
-    if not native and torch.backends.cpu.get_cpu_capability() != "AVX2":
-        pytest.skip(f"emulated bf16 on {torch.backends.cpu.get_cpu_capability()}: no speed to expect")
-
-    def seconds(dtype):
-        a = torch.randn(256, 256, dtype=dtype)
-        a @ a
-        start = time.perf_counter()
-        for _ in range(5):
-            a @ a
-        return time.perf_counter() - start
-
-    ratio = seconds(torch.bfloat16) / seconds(torch.float32)
-    if native:
-        assert ratio < 4, ratio
-    else:
-        assert ratio > 1.5, ratio
 
 
 def test_configs_check_the_setting():

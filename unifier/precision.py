@@ -42,29 +42,29 @@ def describe_device(device: str | torch.device) -> str:
     return device.type
 
 
+def bf16_setting_problem(setting: object) -> str | None:
+    """What is wrong with a config's `bf16` value (None: true, false or "auto"), for the configs' own checks."""
+    if isinstance(setting, bool) or (isinstance(setting, str) and setting.strip().lower() == AUTO):
+        return None
+    return f"bf16 must be true, false or {AUTO}, got {setting!r}"
+
+
 def resolve_bf16(setting: bool | str, device: str | torch.device) -> bool:
     """A config's `bf16` (true, false or "auto") as the bool to run with on `device`.
 
     "auto" is bf16 where `has_native_bf16(device)`, fp32 elsewhere; true on a device without it is kept (the user
     asked) but warned about, since it can be two orders of magnitude slower.
     """
+    problem = bf16_setting_problem(setting)
+    if problem:
+        raise ValueError(problem)
     if isinstance(setting, str):
-        if setting.strip().lower() != AUTO:
-            raise ValueError(f"bf16 must be true, false or {AUTO!r}, not {setting!r}")
         return has_native_bf16(device)
-    if not isinstance(setting, bool):
-        raise ValueError(f"bf16 must be true, false or {AUTO!r}, not {setting!r}")
-    if setting:
-        warn_if_slow_bf16(device)
-    return setting
-
-
-def warn_if_slow_bf16(device: str | torch.device) -> None:
-    """Warn that bf16 was asked for on a device that only emulates it."""
-    if not has_native_bf16(device):
+    if setting and not has_native_bf16(device):
         warnings.warn(
             f"bf16 was asked for on {describe_device(device)}, which has no bf16 instructions: it is emulated and can "
             f"run 100x slower than fp32 (use bf16: {AUTO}, or --no-bf16)",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=2,
         )
+    return setting

@@ -37,7 +37,7 @@ import torch
 import yaml
 
 from unifier.config_files import load_yaml_with_base
-from unifier.precision import describe_device, resolve_bf16
+from unifier.precision import bf16_setting_problem, describe_device, resolve_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS_DIR = REPO / "configs" / "train"
@@ -161,8 +161,8 @@ class TrainConfig:
             len(self.schedule_anchor) != 2 or not 0.0 <= float(self.schedule_anchor[1]) <= 1.0
         ):
             problems.append(f"schedule_anchor must be [step, progress in [0, 1]], got {self.schedule_anchor!r}")
-        if not isinstance(self.bf16, bool) and str(self.bf16).strip().lower() != "auto":
-            problems.append(f"bf16 must be true, false or auto, got {self.bf16!r}")
+        if bf16_setting_problem(self.bf16):
+            problems.append(bf16_setting_problem(self.bf16))
         if self.time_budget_minutes < 0 or self.final_eval_updates < 0:
             problems.append("time_budget_minutes and final_eval_updates must be >= 0")
         if self.eval_limit is not None and self.eval_limit < 1:

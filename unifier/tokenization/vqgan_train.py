@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from unifier.precision import AUTO, resolve_bf16
+from unifier.precision import bf16_setting_problem, resolve_bf16
 from unifier.tokenization.image_tokenizer import ImageTokenizer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -104,8 +104,8 @@ class VQGANTrainConfig:
             raise VQGANTrainError(
                 f"{where}: dead_code_reset_to must be random or far, got {config.dead_code_reset_to!r}"
             )
-        if not isinstance(config.bf16, bool) and str(config.bf16).strip().lower() != AUTO:
-            raise VQGANTrainError(f"{where}: bf16 must be true, false or {AUTO}, got {config.bf16!r}")
+        if bf16_setting_problem(config.bf16):
+            raise VQGANTrainError(f"{where}: {bf16_setting_problem(config.bf16)}")
         if config.autoencoder_warmup_steps >= config.steps:
             raise VQGANTrainError(f"{where}: autoencoder_warmup_steps must be below steps")
         return config
