@@ -1,7 +1,8 @@
 """python bench/tokenizer_throughput.py [--tokenizer runs/tokenizer-shapes] [--seconds 3] [--batch-size 32]
 
 Prints the tokenizers' throughput on this machine:
-- VQ-GAN encode and decode, images/s, at S=64 and S=256, on CPU and (when torch.cuda.is_available()) on the GPU.
+- VQ-GAN encode and decode, images/s, at S=64 and S=256, on CPU and (when torch.cuda.is_available()) on the GPU;
+  on CPU also the whole batch in one pass against the tokenizer's cache-sized chunks (CPU_CHUNK_PIXELS), as a ratio.
   Architectures: the shapes recipe's (tokenizers/shapes.yaml, or the --tokenizer folder's) and taming's
   ImageNet f16 VQ-GAN (the official 1024-code model's ddconfig) at S=256. Weights are random unless a
   tokenizer folder is given: throughput does not depend on their values.
@@ -22,6 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import unifier.tokenization.image_tokenizer as image_tokenizer_module  # noqa: E402
 from unifier.tokenization.build import load_recipe  # noqa: E402
 from unifier.tokenization.image_tokenizer import ImageTokenizer  # noqa: E402
 
@@ -68,10 +70,27 @@ def bench_vqgan(name: str, tokenizer: ImageTokenizer, batch_size: int, seconds: 
         sync()
 
     h, w = tokenizer.code_grid
+    chunk = max(1, image_tokenizer_module.CPU_CHUNK_PIXELS // s**2)
     for what, fn in (("encode", encode), ("decode", decode)):
         calls, elapsed = timed(fn, seconds)
         rate = calls * batch_size / elapsed
-        print(f"{name:<34} S={s:<4} {h}x{w:<3} codes  {device:<4} batch {batch_size:<3} {what}: {rate:9.1f} images/s")
+        how = f"chunks of {chunk}" if device == "cpu" and batch_size > chunk else "one pass"
+        print(
+            f"{name:<34} S={s:<4} {h}x{w:<3} codes  {device:<4} batch {batch_size:<3} {what}: {rate:9.1f} images/s"
+            f" ({how})"
+        )
+        if device == "cpu" and batch_size > chunk:
+            default = image_tokenizer_module.CPU_CHUNK_PIXELS
+            image_tokenizer_module.CPU_CHUNK_PIXELS = batch_size * s**2  # the whole batch at once
+            try:
+                calls, elapsed = timed(fn, seconds)
+            finally:
+                image_tokenizer_module.CPU_CHUNK_PIXELS = default
+            whole = calls * batch_size / elapsed
+            print(
+                f"{'':<34} {'':<6} {'':<11} {'':<4} batch {batch_size:<3} {what}: {whole:9.1f} images/s (one pass;"
+                f" chunks {rate / whole:.2f}x)"
+            )
 
 
 def bench_text(sp, seconds: float) -> None:

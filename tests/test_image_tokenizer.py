@@ -192,6 +192,23 @@ def test_pil_and_array_batches_in_raster_order(official):
     assert tokenizer.encode_images([]) == []
 
 
+def test_cpu_chunks_give_the_whole_batch_results(official, monkeypatch):
+    import unifier.tokenization.image_tokenizer as module
+
+    tokenizer = ImageTokenizer.from_taming_checkpoint(*official[:2])
+    x = random_images(7, seed=3)
+    monkeypatch.setattr(module, "CPU_CHUNK_PIXELS", 10**9)  # one pass over the batch
+    whole_codes, whole_images = tokenizer.encode(x), tokenizer.decode(torch.arange(7 * 64).view(7, 8, 8) % 16)
+    calls = []
+    original = tokenizer.decoder.forward
+    monkeypatch.setattr(tokenizer.decoder, "forward", lambda z: calls.append(len(z)) or original(z))
+    monkeypatch.setattr(module, "CPU_CHUNK_PIXELS", 3 * 16 * 16)  # 3 images of 16 x 16 a chunk
+    assert torch.equal(tokenizer.encode(x), whole_codes)
+    chunked = tokenizer.decode(torch.arange(7 * 64).view(7, 8, 8) % 16)
+    assert calls == [3, 3, 1]
+    torch.testing.assert_close(chunked, whole_images, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_inputs_fail_clearly(official):
     tokenizer = ImageTokenizer.from_taming_checkpoint(*official[:2])
     with pytest.raises(ImageTokenizerError, match="shape"):

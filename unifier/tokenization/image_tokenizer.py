@@ -47,6 +47,10 @@ REQUIRED_DDCONFIG = (
 )
 # Keys of taming's VQModel state dict that belong to the tokenizer; `loss.*` (LPIPS, discriminator) is training-only.
 MODEL_KEY_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
+# On a CPU the encoder and decoder run fastest on a few images at a time, whose activations stay in the caches:
+# on the 2-core AVX2 EPYC (64 x 64 images, the shapes recipe) the decoder made 123-139 images/s in chunks of 8-16
+# against 60-70 in batches of 64-512, the encoder 322 in chunks of 8 against 118-146. A GPU takes the whole batch.
+CPU_CHUNK_PIXELS = 8 * 64 * 64
 
 
 class ImageTokenizerError(ValueError):
@@ -156,6 +160,13 @@ class ImageTokenizer(torch.nn.Module):
     def device(self) -> torch.device:
         return self.quantize.embedding.weight.device
 
+    def _in_chunks(self, module: Any, inputs: torch.Tensor) -> torch.Tensor:
+        """`module` over `inputs` (B, ...), on a CPU a chunk of CPU_CHUNK_PIXELS' worth of images at a time."""
+        if self.device.type != "cpu":
+            return module(inputs)
+        size = max(1, CPU_CHUNK_PIXELS // self.image_size**2)
+        return torch.cat([module(chunk) for chunk in inputs.split(size)]) if len(inputs) > size else module(inputs)
+
     def config(self) -> dict:
         return {
             "format": CONFIG_FORMAT,
@@ -253,7 +264,7 @@ class ImageTokenizer(torch.nn.Module):
         """(B, 3, S, S) float in [-1, 1] -> (B, h, w) long codes in [0, n_embed)."""
         self._check_images(images)
         images = images.to(self.device, torch.float32)
-        latents = self.encode_latents(images)
+        latents = self._in_chunks(self.encode_latents, images)
         _, _, (_, _, codes) = self.quantize(latents)
         b, _, h, w = latents.shape
         codes = codes.view(b, h, w)
@@ -278,7 +289,7 @@ class ImageTokenizer(torch.nn.Module):
             )
         b = codes.shape[0]
         quantized = self.quantize.get_codebook_entry(codes.reshape(-1), (b, h, w, self.embed_dim))
-        return self.decode_latents(quantized).clamp(-1.0, 1.0)
+        return self._in_chunks(self.decode_latents, quantized).clamp(-1.0, 1.0)
 
     def images_to_tensor(self, images: Sequence[Any]) -> torch.Tensor:
         """Image sources (PIL images, uint8 arrays, paths, bytes) -> (B, 3, S, S) in [-1, 1], resized to S x S."""
