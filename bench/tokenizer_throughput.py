@@ -70,7 +70,7 @@ def bench_vqgan(name: str, tokenizer: ImageTokenizer, batch_size: int, seconds: 
         sync()
 
     h, w = tokenizer.code_grid
-    chunk = max(1, image_tokenizer_module.CPU_CHUNK_PIXELS // s**2)
+    chunk = tokenizer.cpu_chunk_images
     for what, fn in (("encode", encode), ("decode", decode)):
         calls, elapsed = timed(fn, seconds)
         rate = calls * batch_size / elapsed

@@ -19,7 +19,7 @@ import io
 import json
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,12 +160,17 @@ class ImageTokenizer(torch.nn.Module):
     def device(self) -> torch.device:
         return self.quantize.embedding.weight.device
 
-    def _in_chunks(self, module: Any, inputs: torch.Tensor) -> torch.Tensor:
-        """`module` over `inputs` (B, ...), on a CPU a chunk of CPU_CHUNK_PIXELS' worth of images at a time."""
-        if self.device.type != "cpu":
+    @property
+    def cpu_chunk_images(self) -> int:
+        """How many images the encoder / decoder take at a time on a CPU (CPU_CHUNK_PIXELS' worth)."""
+        return max(1, CPU_CHUNK_PIXELS // self.image_size**2)
+
+    def _in_chunks(self, module: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+        """`module` over `inputs` (B, ...): on a CPU `cpu_chunk_images` at a time, elsewhere the whole batch."""
+        size = self.cpu_chunk_images
+        if self.device.type != "cpu" or len(inputs) <= size:
             return module(inputs)
-        size = max(1, CPU_CHUNK_PIXELS // self.image_size**2)
-        return torch.cat([module(chunk) for chunk in inputs.split(size)]) if len(inputs) > size else module(inputs)
+        return torch.cat([module(chunk) for chunk in inputs.split(size)])
 
     def config(self) -> dict:
         return {
