@@ -1,9 +1,13 @@
-"""python bench/train_throughput.py [--sizes tiny base] [--steps 10] [--out runs/bench/train_throughput.json]
+"""python bench/train_throughput.py [--sizes tiny base] [--steps 10] [--engines [--rounds 3]] [--out FILE.json]
 
 Training throughput of the Unifier model: samples/s, tokens/s and model FLOPs utilisation (MFU) for each model size,
 single process vs DeepSpeed ZeRO-2 with 2 processes, fp32 vs bf16 autocast, the ratio of DeepSpeed ZeRO-2
 (single process) to a plain torch loop at the tiny size, and at the tiny size the main job's setting (ZeRO-2, one
 process, bf16) with each attention kernel (`attn_implementation` sdpa and eager).
+
+`--engines` measures only the engines of one process at the tiny size, in the precision `bf16: auto` takes here: the
+plain torch loop (zero 0), DeepSpeed without partitioning (zero auto, the main job's) and ZeRO-2, in `--rounds`
+alternating rounds (a shared machine drifts between configurations), and prints each round's ratios and the medians.
 
 Every configuration runs in its own process (`torchrun` for 2 processes) through unifier.train's own accelerator
 and `train_step`, on fixed pre-collated batches of the shapes-world mixture (data preparation is not timed), with a
@@ -213,9 +217,60 @@ def run(spec: dict, timeout: int) -> dict | None:
 
 
 def describe(spec: dict) -> str:
-    engine = "plain" if spec["zero"] == 0 else f"ZeRO-{spec['zero']}"
+    engine = {0: "plain", "auto": "DS-auto"}.get(spec["zero"], f"ZeRO-{spec['zero']}")
     precision = "bf16" if spec["bf16"] else "fp32"
     return f"{spec['size']:<5} {engine:<7} x{spec['processes']} {precision} {spec.get('attention', 'sdpa'):<5}"
+
+
+def write_summary(summary: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out)
+    print(f"written {out}")
+
+
+def compare_engines(args: argparse.Namespace) -> int:
+    """The tiny model on one process under each engine, in alternating rounds: samples/s and ratios to ZeRO-2."""
+    from unifier.precision import has_native_bf16
+
+    bf16 = has_native_bf16("cuda" if torch.cuda.is_available() else "cpu")  # what bf16: auto takes here
+    work = Path(tempfile.mkdtemp(prefix="unifier-bench-"))
+    tokenizer = make_tokenizer(work)
+    engines = {0: "plain torch loop", "auto": "DeepSpeed, no partitioning (zero auto)", 2: "DeepSpeed ZeRO-2"}
+    rates: dict = {zero: [] for zero in engines}
+    for round_index in range(args.rounds):
+        for zero in engines:
+            spec = {
+                "attention": "eager",  # the main job's kernel
+                "size": "tiny",
+                "zero": zero,
+                "processes": 1,
+                "bf16": bf16,
+                "batch_size": SETTINGS["tiny"]["batch_size"],
+                "steps": args.steps,
+                "warmup": 2,
+                "tokenizer": str(tokenizer),
+                "result": str(work / f"engines-{zero}-{round_index}.json"),
+            }
+            result = run(spec, args.timeout)
+            if result is None:
+                return 1
+            rates[zero].append(result["samples_per_s"])
+        print(
+            f"round {round_index + 1}: "
+            + ", ".join(f"{name} {rates[z][-1]:.1f}" for z, name in engines.items())
+            + f" samples/s; auto / ZeRO-2 {rates['auto'][-1] / rates[2][-1]:.2f}",
+            flush=True,
+        )
+    medians = {z: statistics.median(r) for z, r in rates.items()}
+    print(f"tiny, 1 process, {'bf16' if bf16 else 'fp32'}, median of {args.rounds} rounds of {args.steps} updates:")
+    for zero, name in engines.items():
+        print(f"  {name:<40} {medians[zero]:6.1f} samples/s  {medians[zero] / medians[2]:.2f}x ZeRO-2")
+    summary = {"bf16": bf16, "samples_per_s": {str(z): r for z, r in rates.items()}}
+    summary["median_over_zero2"] = {str(z): m / medians[2] for z, m in medians.items()}
+    write_summary(summary, Path(args.out))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,11 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", default=["tiny", "base"], choices=sorted(SETTINGS))
     parser.add_argument("--steps", type=int, default=10, help="timed steps at the tiny size (fewer for larger ones)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
+    parser.add_argument("--engines", action="store_true", help="only the one-process engines, alternating")
+    parser.add_argument("--rounds", type=int, default=3, help="--engines: alternating rounds")
     parser.add_argument("--out", default="runs/bench/train_throughput.json")
     args = parser.parse_args(argv)
     if args.worker:
         worker(json.loads(args.worker))
         return 0
+    if args.engines:
+        return compare_engines(args)
 
     peaks = {bf16: peak_flops(bf16) for bf16 in (False, True)}
     for bf16, (peak, how) in peaks.items():
@@ -299,12 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{size}, plain, 1 process: bf16 / fp32 samples/s = {bf16['samples_per_s'] / fp32['samples_per_s']:.2f}"
             )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out)
-    print(f"written {out}")
+    write_summary(summary, Path(args.out))
     return 0
 
 

@@ -35,6 +35,8 @@ from unifier.train import (
     build_optimizer,
     build_parser,
     build_training_model,
+    deepspeed_config,
+    deepspeed_stage,
     list_checkpoints,
     load_config,
     lr_factor,
@@ -42,6 +44,7 @@ from unifier.train import (
     split_by_length,
     steps_within_budget,
     train,
+    zero_setting_of,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,13 +147,31 @@ def test_config_file_and_flags(tmp_path):
     parser = build_parser()
     args = vars(parser.parse_args(["--steps", "7", "--no-bf16", "--zero", "3", "--lr", "0.01", "--local_rank=1"]))
     assert (args["steps"], args["bf16"], args["zero"], args["lr"], args["batch_size"]) == (7, False, 3, 0.01, None)
+    assert parser.parse_args(["--zero", "auto"]).zero == "auto"
     config = load_config(REPO / "configs/train/shapes.yaml", {"steps": 7, "batch_size": None})
-    assert (config.steps, config.model, config.zero, config.batch_size) == (7, "tiny", 2, 32)
+    assert (config.steps, config.model, config.zero, config.batch_size) == (7, "tiny", "auto", 32)
     (tmp_path / "bad.yaml").write_text("stpes: 3\n")
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['stpes'\]"):
         load_config(tmp_path / "bad.yaml")
-    with pytest.raises(ValueError, match="zero must be 0, 1, 2 or 3"):
-        TrainConfig(zero=4)
+    for bad in (4, "two", "Auto"):
+        with pytest.raises(ValueError, match=f"zero must be auto, 0, 1, 2 or 3, got {bad!r}"):
+            TrainConfig(zero=bad)
+
+
+def test_zero_auto_partitions_across_processes_and_not_on_one():
+    assert [deepspeed_stage("auto", world) for world in (1, 2, 8)] == [0, 2, 2]
+    assert [deepspeed_stage(zero, 1) for zero in (0, 1, 2, 3)] == [None, 1, 2, 3]  # explicit stages are obeyed
+    assert [deepspeed_stage(zero, 4) for zero in (0, 3)] == [None, 3]
+    for world, stage in ((1, 0), (2, 2)):
+        ds = deepspeed_config(TrainConfig(zero="auto", batch_size=8, grad_accum=2), world)
+        assert ds["zero_optimization"]["stage"] == stage
+        assert (ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]) == (8, 16 * world)
+    with pytest.raises(ValueError, match="plain torch loop"):
+        deepspeed_config(TrainConfig(zero=0), 1)
+    # The flag a resume error suggests brings back each engine on one process.
+    parser = build_parser()
+    for stage in (None, 0, 1, 2, 3):
+        assert deepspeed_stage(parser.parse_args(["--zero", zero_setting_of(stage)]).zero, 1) == stage
 
 
 def test_the_training_model_takes_the_run_s_attention_kernel_and_both_kernels_train_alike(workdir):
@@ -547,16 +568,41 @@ def test_plain_loop_run_writes_logs_checkpoints_and_a_loadable_model(workdir, tm
         assert torch.equal(tensor, again.state_dict()[name]), name
 
 
+def test_one_process_deepspeed_run_without_partitioning_resumes_exactly_under_its_own_engine(workdir, tmp_path):
+    """zero auto on one process: DeepSpeed's engine at stage 0, which the checkpoint records and a resume checks."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_subprocess([sys.executable, "train.py", *run_args(workdir, full, 4, zero="auto", **{"checkpoint-every": 2})])
+    position = json.loads((full / "checkpoints/step-2/data-rank0.json").read_text())
+    assert (position["world_size"], position["zero_stage"]) == (1, 0)
+    assert (full / "checkpoints/step-2/state/pytorch_model/mp_rank_00_model_states.pt").is_file()
+    assert not list((full / "checkpoints/step-2/state").rglob("*optim_states.pt"))  # no ZeRO partitions
+
+    shutil.copytree(full / "checkpoints/step-2", resumed / "checkpoints/step-2")
+    flags = {"checkpoint-every": 2, "resume": "latest"}
+    with pytest.raises(
+        AssertionError,
+        match=r"written under DeepSpeed without ZeRO partitioning \(stage 0\) and this "
+        r"run trains under DeepSpeed ZeRO-2: resume it with --zero auto",
+    ):
+        run_subprocess([sys.executable, "train.py", *run_args(workdir, resumed, 4, zero=2, **flags)])
+    run_subprocess([sys.executable, "train.py", *run_args(workdir, resumed, 4, zero="auto", **flags)])
+    uninterrupted, again = losses(full), losses(resumed)
+    assert list(again) == [3, 4]  # log_every 1: each step's own loss
+    for step in (3, 4):  # the optimizer state came back: Adam's moments shape updates 3 and 4
+        assert again[step] == pytest.approx(uninterrupted[step], rel=1e-6), (again, uninterrupted)
+
+
 @pytest.mark.slow
 def test_zero_stages_match_the_plain_loop_in_fp32(workdir, tmp_path):
-    """Single process: the plain torch loop and DeepSpeed ZeRO-1, -2, -3 give the same losses (dropout off, fp32)."""
+    """Single process: the plain torch loop, DeepSpeed without partitioning (zero auto) and ZeRO-1, -2, -3 give the
+    same losses (dropout off, fp32)."""
     runs = {}
-    for stage in (0, 1, 2, 3):
+    for stage in (0, "auto", 1, 2, 3):
         out = tmp_path / f"zero{stage}"
         run_subprocess([sys.executable, "train.py", *run_args(workdir, out, 3, zero=stage, **{"val-records": 0})])
         runs[stage] = losses(out)
     assert list(runs[0]) == [1, 2, 3]
-    for stage in (1, 2, 3):
+    for stage in ("auto", 1, 2, 3):
         for step, loss in runs[0].items():
             assert runs[stage][step] == pytest.approx(loss, rel=1e-4, abs=1e-5), (stage, runs)
 
@@ -580,13 +626,14 @@ def test_two_process_zero2_run_learns_checkpoints_and_resumes_exactly(workdir, t
     preset = tmp_path / "preset.yaml"
     preset.write_text(f"base: {DEFAULT_CONFIG}\neval_decoding:\n  text_to_image: {{samples: 2}}\n")
     main_job = {"config": preset, "checkpoint-every": 4, "final-eval": True, "eval-limit": 6, "gallery-scenes": 1}
-    run_subprocess([*torchrun(), "train.py", *run_args(workdir, full, 8, zero=2, **main_job)])
+    run_subprocess([*torchrun(), "train.py", *run_args(workdir, full, 8, zero="auto", **main_job)])
     uninterrupted = losses(full)
     assert list(uninterrupted) == list(range(1, 9))
     assert sum(list(uninterrupted.values())[-2:]) / 2 < uninterrupted[1] - 0.3  # the loss falls
     checkpoint = full / "checkpoints" / "step-4"
     assert (checkpoint / "model" / "model.safetensors").is_file()
     assert {p.name for p in checkpoint.glob("data-rank*.json")} == {"data-rank0.json", "data-rank1.json"}
+    assert json.loads((checkpoint / "data-rank1.json").read_text())["zero_stage"] == 2  # auto: ZeRO-2 across two
 
     names = [c.name for c, _ in load_mixture(MIXTURE)]
     metrics = json.loads((full / "eval" / "metrics.json").read_text())
@@ -599,7 +646,7 @@ def test_two_process_zero2_run_learns_checkpoints_and_resumes_exactly(workdir, t
         # bf16: auto (shapes.yaml): the job trains under bf16 autocast where the CPU has it and evaluates so too
         assert summary["bf16"] is has_native_bf16("cpu")
     report = (full / "results.md").read_text()
-    assert all(f"| {name} |" in report for name in names) and "2 process(es)" in report
+    assert all(f"| {name} |" in report for name in names) and "2 process(es)" in report and "DeepSpeed ZeRO-2" in report
     assert f"2 process(es), {'bf16 autocast' if has_native_bf16('cpu') else 'fp32'}," in report
     assert "- text_to_image decoded with samples 2 (eval_decoding)" in report
     assert (full / "gallery" / "index.html").is_file()
@@ -617,7 +664,7 @@ def test_two_process_zero2_run_learns_checkpoints_and_resumes_exactly(workdir, t
     (resumed_dir / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in stale))
     with pytest.raises(FileExistsError, match=r"already holds a run \(log.jsonl, checkpoints\): continue it with"):
         train(TrainConfig(output_dir=str(resumed_dir)))
-    run_subprocess([*torchrun(), "train.py", *run_args(workdir, resumed_dir, 8, zero=2, resume="latest")])
+    run_subprocess([*torchrun(), "train.py", *run_args(workdir, resumed_dir, 8, zero="auto", resume="latest")])
     entries = [json.loads(line) for line in (resumed_dir / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in entries if "loss" in e] == list(range(1, 9))  # steps 5-8 redone, each logged once
     resumed = losses(resumed_dir)

@@ -1,7 +1,9 @@
-"""python train.py [--config configs/train/shapes.yaml] [--steps N] [--zero {0,1,2,3}] [--resume latest] ...
+"""python train.py [--config configs/train/shapes.yaml] [--steps N] [--zero {auto,0,1,2,3}] [--resume latest] ...
 
 Trains the generalist model on a mixture of tasks, with Accelerate driving DeepSpeed ZeRO (stage 1, 2 or 3 from
-configs/zero{1,2,3}.json; --zero 0 is a plain torch loop). The same script runs under a launcher:
+configs/zero{1,2,3}.json; --zero 0 is a plain torch loop; --zero auto, the presets' setting, is stage 2 across several
+processes and DeepSpeed's engine without partitioning, configs/zero0.json, on one: `deepspeed_stage`). The same
+script runs under a launcher:
 
     torchrun --nproc_per_node 2 train.py --steps 100
     accelerate launch --config_file configs/accelerate/zero2_cpu.yaml train.py
@@ -42,6 +44,7 @@ from unifier.precision import bf16_setting_problem, describe_device, resolve_bf1
 REPO = Path(__file__).resolve().parents[1]
 PRESETS_DIR = REPO / "configs" / "train"
 DEFAULT_CONFIG = PRESETS_DIR / "shapes.yaml"
+ZERO_SETTINGS = ("auto", 0, 1, 2, 3)
 # Under a time budget these updates are timed (after start-up, up to the default warmup's end) to fit `steps`.
 BUDGET_PROBE = (20, 100)
 # Left unplanned in a budget: the model folder, the gallery, the results table.
@@ -109,7 +112,9 @@ class TrainConfig:
     # bf16 autocast (measured: bench/train_throughput.py). "auto": where the device multiplies bf16 in hardware,
     # fp32 elsewhere (unifier.precision); the run's config.yaml and summary record which it took.
     bf16: bool | str = False
-    zero: int = 2  # DeepSpeed ZeRO stage; 0 = plain torch loop (DDP under a launcher)
+    # DeepSpeed ZeRO stage; 0 = plain torch loop (DDP under a launcher); "auto": 2 across processes, 0 on one
+    # (deepspeed_stage)
+    zero: int | str = 2
     seed: int = 0
     log_every: int = 10
     eval_every: int = 200  # per-task validation loss every N steps (0: only at the end)
@@ -136,8 +141,8 @@ class TrainConfig:
 
     def __post_init__(self):
         problems = []
-        if self.zero not in (0, 1, 2, 3):
-            problems.append(f"zero must be 0, 1, 2 or 3, got {self.zero}")
+        if self.zero not in ZERO_SETTINGS:
+            problems.append(f"zero must be auto, 0, 1, 2 or 3, got {self.zero!r}")
         if not 0.0 <= self.loss_length_power <= 1.0:
             problems.append(f"loss_length_power must lie in [0, 1], got {self.loss_length_power}")
         if self.attn_implementation not in (None, "sdpa", "eager"):
@@ -219,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         if kind.startswith("bool"):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif kind.startswith("int | str"):  # a number or a word (--zero auto)
+            parser.add_argument(flag, dest=f.name, type=_int_or_word, default=None)
         elif kind.startswith("int"):
             parser.add_argument(flag, dest=f.name, type=int, default=None)
         elif kind.startswith("float"):
@@ -230,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS
     )
     return parser
+
+
+def _int_or_word(value: str) -> int | str:
+    return int(value) if value.lstrip("-").isdigit() else value
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -257,9 +268,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def deepspeed_stage(zero: int | str, world_size: int) -> int | None:
+    """The ZeRO stage DeepSpeed's engine runs for a `zero` setting, or None for the plain torch loop (zero 0).
+
+    "auto" is stage 2 across several processes and stage 0, the engine without partitioning, on one: ZeRO shards the
+    gradients and optimizer state over the processes, so a lone process holds all of them at any stage, while stage
+    2's copies into its flat buffers cost about a tenth of the main job's update on the 2-core CPU with the same losses
+    (README finding 17; `python bench/train_throughput.py --engines`)."""
+    if zero == "auto":
+        return 2 if world_size > 1 else 0
+    return int(zero) or None
+
+
+def describe_engine(stage: int | None) -> str:
+    if stage is None:
+        return "plain torch loop"
+    return f"DeepSpeed ZeRO-{stage}" if stage else "DeepSpeed without ZeRO partitioning (stage 0)"
+
+
+def zero_setting_of(stage: int | None) -> str:
+    """The `zero` setting that runs an engine `deepspeed_stage` returned on one process (stage 0: auto)."""
+    return "0" if stage is None else "auto" if stage == 0 else str(stage)
+
+
 def deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
     """configs/zero{stage}.json with its "auto" batch, clipping and precision fields filled from the run's config."""
-    path = REPO / "configs" / f"zero{config.zero}.json"
+    stage = deepspeed_stage(config.zero, world_size)
+    if stage is None:
+        raise ValueError("zero 0 trains with the plain torch loop, which has no DeepSpeed config")
+    path = REPO / "configs" / f"zero{stage}.json"
     ds = json.loads(path.read_text())
     # DeepSpeed counts backward passes: one per batch, whose length groups share it (see train_step).
     ds["train_micro_batch_size_per_gpu"] = config.batch_size
@@ -274,12 +311,13 @@ def deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
 
 
 def make_accelerator(config: TrainConfig):
-    """Accelerate with DeepSpeed ZeRO (config.zero > 0) or plain; gloo on CPU, NCCL on GPU."""
+    """Accelerate with DeepSpeed (the stage `deepspeed_stage` gives) or plain; gloo on CPU, NCCL on GPU."""
     from accelerate import Accelerator, DeepSpeedPlugin
     from accelerate.utils import InitProcessGroupKwargs
 
     set_build_cache_default()
-    if config.zero > 0:
+    stage = deepspeed_stage(config.zero, int(os.environ.get("WORLD_SIZE", "1")))
+    if stage is not None:
         set_single_process_defaults()
     # train.py's own flags (--zero, --bf16, --grad-accum, --max-grad-norm) define the DeepSpeed setup; the copies
     # `accelerate launch` exports from its config file would clash with them in DeepSpeedPlugin's checks.
@@ -292,7 +330,7 @@ def make_accelerator(config: TrainConfig):
         os.environ.pop(name, None)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     plugin = None
-    if config.zero > 0:
+    if stage is not None:
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(config, world_size))
     # Accelerate defaults to NCCL-only process groups; CPU processes need gloo. A lone plain process needs none.
     handlers = []
@@ -665,7 +703,8 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "state"))
-    position = {"step": step, "world_size": accelerator.num_processes, "streams": sampler.state_dict()}
+    position = {"step": step, "world_size": accelerator.num_processes, "zero_stage": engine_stage(accelerator)}
+    position["streams"] = sampler.state_dict()
     position.update(schedule or {})
     (tmp / f"data-rank{accelerator.process_index}.json").write_text(json.dumps(position, indent=1))
     save_model_folder(accelerator, model, tokenizer_folder, tmp / "model", task_options, task_decoding)
@@ -677,6 +716,12 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def engine_stage(accelerator) -> int | None:
+    """The ZeRO stage of the prepared DeepSpeed engine, None for the plain torch loop."""
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    return None if wrapped is None else int(wrapped.engine.zero_optimization_stage())
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -920,6 +965,14 @@ def train(config: TrainConfig) -> Path:
         position = json.loads(position_file.read_text())
         if position["world_size"] != world:
             raise ValueError(f"{checkpoint} was written by {position['world_size']} processes, this run has {world}")
+        # Each engine saves its optimizer state in its own layout (older checkpoints do not say which they used).
+        stage = engine_stage(accelerator)
+        if "zero_stage" in position and position["zero_stage"] != stage:
+            written = position["zero_stage"]
+            raise ValueError(
+                f"{checkpoint} was written under {describe_engine(written)} and this run trains under "
+                f"{describe_engine(stage)}: resume it with --zero {zero_setting_of(written)}"
+            )
         accelerator.load_state(str(checkpoint / "state"))
         sampler.load_state_dict(position["streams"])
         start = position["step"]
@@ -1061,7 +1114,8 @@ def final_report(config: TrainConfig, model_folder: Path, run_dir: Path, acceler
             )
             timings["gallery_seconds"] = time.perf_counter() - start
         table = results_table(summaries, config.targets)
-        report = render_report(config, table, timings, accelerator.num_processes, gallery_index)
+        engine = describe_engine(engine_stage(accelerator))
+        report = render_report(config, table, timings, accelerator.num_processes, gallery_index, engine)
         tmp = run_dir / ".results.md.tmp"
         tmp.write_text(report)
         os.replace(tmp, run_dir / "results.md")
@@ -1109,7 +1163,9 @@ def results_table(summaries: dict[str, dict[str, Any]], targets: dict[str, dict[
     return "\n".join(lines)
 
 
-def render_report(config: TrainConfig, table: str, timings: dict, processes: int, gallery: Path | None) -> str:
+def render_report(
+    config: TrainConfig, table: str, timings: dict, processes: int, gallery: Path | None, engine: str
+) -> str:
     """results.md: the table plus what produced it (command, machine, time per phase)."""
     import platform
 
@@ -1127,7 +1183,7 @@ def render_report(config: TrainConfig, table: str, timings: dict, processes: int
         f"- command: `{' '.join(['python', *sys.argv]) if sys.argv else 'train()'}`",
         f"- model `{config.model}`, {config.steps} steps of {config.batch_size * config.grad_accum * processes} "
         f"examples, mixture `{config.mixture}`, evaluated on the `{config.eval_split}` split of each task file",
-        f"- machine: {device}, {processes} process(es), {precision}, torch {torch.__version__}, "
+        f"- machine: {device}, {processes} process(es), {precision}, {engine}, torch {torch.__version__}, "
         f"Python {platform.python_version()}",
         f"- time: {total / 60:.1f} min ({phases})",
     ]
