@@ -373,10 +373,30 @@ def test_streams_spread_the_records_of_a_scene_over_many_batches(workdir):
     block = [stream.world.records("vqa", scene) for scene in range(TaskStream.BLOCK)]
     assert max(map(len, block)) > 1  # scenes hold several questions
     served = [stream.next_example().record for _ in range(sum(map(len, block)))]
-    # Every question of the block's scenes once, the first of each scene before any scene's second.
+    # Every question of the block's scenes once, one of each scene before any scene's second.
     assert sorted(r.question_id for r in served) == sorted(r.question_id for records in block for r in records)
-    assert [r.question_id for r in served[: TaskStream.BLOCK]] == [records[0].question_id for records in block]
-    assert stream.next_example().record.question_id == stream.world.records("vqa", TaskStream.BLOCK)[0].question_id
+    assert [r.image_id for r in served[: TaskStream.BLOCK]] == [records[0].image_id for records in block]
+    # A scene lists its questions by family; served in that order, a batch's questions would all be one family.
+    first_round = [r.question_id for r in served[: TaskStream.BLOCK]]
+    assert first_round != [records[0].question_id for records in block]
+    assert len({r.question_id % 100 for r in served[: TaskStream.BLOCK]}) >= 4  # families (question_id's last digits)
+    assert stream.next_example().record.image_id == stream.world.records("vqa", TaskStream.BLOCK)[0].image_id
+    again = TaskStream(config, task, seed=0, rank=0, world_size=1)  # the order is the seed's
+    assert [again.next_example().record.question_id for _ in served] == [r.question_id for r in served]
+
+
+def test_streams_mix_the_answers_of_every_stretch_of_entailment_examples(workdir):
+    """A scene lists its hypotheses "yes", "yes", "no", "no", "maybe", "maybe": the stream must not serve them so."""
+    from unifier.tokenization import load_tokenizer
+
+    config, _ = next(entry for entry in load_mixture(MIXTURE) if entry[0].kind == "entailment")
+    task = build_task_from_config(config, load_tokenizer(workdir / "tokenizer"))
+    stream = TaskStream(config, task, seed=0, rank=0, world_size=1)
+    labels = [stream.next_example().record.label for _ in range(6 * TaskStream.BLOCK)]
+    assert sorted(set(labels)) == ["maybe", "no", "yes"]
+    for start in range(0, len(labels), 16):  # about three updates' entailment examples in the main job
+        window = labels[start : start + 16]
+        assert max(window.count(label) for label in set(window)) <= 12, (start, window)
 
 
 def test_text_to_image_streams_drop_captions_at_the_configured_rate(workdir):

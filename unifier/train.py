@@ -273,7 +273,7 @@ def deepspeed_stage(zero: int | str, world_size: int) -> int | None:
 
     "auto" is stage 2 across several processes and stage 0, the engine without partitioning, on one: ZeRO shards the
     gradients and optimizer state over the processes, so a lone process holds all of them at any stage, while stage
-    2's copies into its flat buffers cost about a tenth of the main job's update on the 2-core CPU with the same losses
+    2's copies into its flat buffers cost 2-10% of the main job's update on the 2-core CPU, with the same losses
     (README finding 17; `python bench/train_throughput.py --engines`)."""
     if zero == "auto":
         return 2 if world_size > 1 else 0
@@ -352,11 +352,14 @@ class TaskStream:
     The shapes world streams scenes rank, rank + W, rank + 2W, ... (W processes); a finite record set is walked
     in a permutation drawn per epoch from the seed, each process taking every W-th record. Positions are read in
     blocks of BLOCK: the task prepares a block's records in one batch (`UnifierTask.prepare_records`: text-to-image
-    encodes their images in one VQ-GAN pass), and the stream serves them interleaved, the first record of every
-    position of the block, then the second, ..., so that the several records of one scene (its questions, its
-    hypotheses) spread over many batches instead of filling one: a batch's examples of a task then show as many
-    scenes as it has examples. The state (epoch, block start, place in the block) is a few integers, saved with
-    each checkpoint. A record that fails to serialize is skipped and counted, not fatal.
+    encodes their images in one VQ-GAN pass), and the stream serves them interleaved, one record of every position
+    of the block, then another, ..., so that the several records of one scene (its questions, its hypotheses) spread
+    over many batches instead of filling one: a batch's examples of a task then show as many scenes as it has
+    examples. Each position's records are shuffled first (drawn from the seed, the epoch and the block): a scene
+    lists them by kind (question families in order; entailment's two "yes", then two "no", then two "maybe"), and
+    interleaved in that order every batch for several updates held one kind and one answer. The state (epoch, block
+    start, place in the block) is a few integers, saved with each checkpoint. A record that fails to serialize is
+    skipped and counted, not fatal.
     """
 
     MAX_CONSECUTIVE_SKIPS = 1000
@@ -391,6 +394,8 @@ class TaskStream:
                 last = (len(self.records) - 1 - self.rank) // self.world_size  # this process's last position
                 positions = range(index, min(index + self.BLOCK, last + 1))
                 blocks = [[self.records[int(order[self.rank + i * self.world_size])]] for i in positions]
+            shuffle = np.random.default_rng([self.seed, epoch, index, self.rank, _stable_hash(self.name)])
+            blocks = [[block[k] for k in shuffle.permutation(len(block))] for block in blocks]
             interleaved = [
                 block[r] for r in range(max(map(len, blocks), default=0)) for block in blocks if r < len(block)
             ]
