@@ -222,6 +222,21 @@ def describe(spec: dict) -> str:
     return f"{spec['size']:<5} {engine:<7} x{spec['processes']} {precision} {spec.get('attention', 'sdpa'):<5}"
 
 
+def make_spec(size: str, zero, processes: int, bf16: bool, attention: str, steps: int, tokenizer: Path) -> dict:
+    """One configuration for `worker` (its "result" path still to set): 2 untimed warm-up steps, then `steps`."""
+    return {
+        "attention": attention,
+        "size": size,
+        "zero": zero,
+        "processes": processes,
+        "bf16": bf16,
+        "batch_size": SETTINGS[size]["batch_size"],
+        "steps": steps,
+        "warmup": 2,
+        "tokenizer": str(tokenizer),
+    }
+
+
 def write_summary(summary: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -241,18 +256,8 @@ def compare_engines(args: argparse.Namespace) -> int:
     rates: dict = {zero: [] for zero in engines}
     for round_index in range(args.rounds):
         for zero in engines:
-            spec = {
-                "attention": "eager",  # the main job's kernel
-                "size": "tiny",
-                "zero": zero,
-                "processes": 1,
-                "bf16": bf16,
-                "batch_size": SETTINGS["tiny"]["batch_size"],
-                "steps": args.steps,
-                "warmup": 2,
-                "tokenizer": str(tokenizer),
-                "result": str(work / f"engines-{zero}-{round_index}.json"),
-            }
+            spec = make_spec("tiny", zero, 1, bf16, "eager", args.steps, tokenizer)  # eager: the main job's kernel
+            spec["result"] = str(work / f"engines-{zero}-{round_index}.json")
             result = run(spec, args.timeout)
             if result is None:
                 return 1
@@ -310,18 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         if size == "tiny":  # the main job's setting with the other kernel
             grid.append((2, 1, True, "eager"))
         for zero, processes, bf16, attention in grid:
-            spec = {
-                "attention": attention,
-                "size": size,
-                "zero": zero,
-                "processes": processes,
-                "bf16": bf16,
-                "batch_size": SETTINGS[size]["batch_size"],
-                "steps": steps,
-                "warmup": 2,
-                "tokenizer": str(tokenizer),
-                "result": str(work / f"{size}-{zero}-{processes}-{bf16}.json"),
-            }
+            spec = make_spec(size, zero, processes, bf16, attention, steps, tokenizer)
+            spec["result"] = str(work / f"{size}-{zero}-{processes}-{bf16}.json")
             result = run(spec, args.timeout)
             if result is None:
                 continue

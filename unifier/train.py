@@ -316,7 +316,8 @@ def make_accelerator(config: TrainConfig):
     from accelerate.utils import InitProcessGroupKwargs
 
     set_build_cache_default()
-    stage = deepspeed_stage(config.zero, int(os.environ.get("WORLD_SIZE", "1")))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # unset: one process, as set_single_process_defaults says
+    stage = deepspeed_stage(config.zero, world_size)
     if stage is not None:
         set_single_process_defaults()
     # train.py's own flags (--zero, --bf16, --grad-accum, --max-grad-norm) define the DeepSpeed setup; the copies
@@ -328,7 +329,6 @@ def make_accelerator(config: TrainConfig):
         "ACCELERATE_MIXED_PRECISION",
     ]:
         os.environ.pop(name, None)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     plugin = None
     if stage is not None:
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(config, world_size))
@@ -355,7 +355,7 @@ class TaskStream:
     encodes their images in one VQ-GAN pass), and the stream serves them interleaved, one record of every position
     of the block, then another, ..., so that the several records of one scene (its questions, its hypotheses) spread
     over many batches instead of filling one: a batch's examples of a task then show as many scenes as it has
-    examples. Each position's records are shuffled first (drawn from the seed, the epoch and the block): a scene
+    examples. Each scene's records are shuffled first (drawn from the seed, the epoch and the block): a scene
     lists them by kind (question families in order; entailment's two "yes", then two "no", then two "maybe"), and
     interleaved in that order every batch for several updates held one kind and one answer. The state (epoch, block
     start, place in the block) is a few integers, saved with each checkpoint. A record that fails to serialize is
@@ -387,6 +387,8 @@ class TaskStream:
             if self.world is not None:
                 positions = range(index, index + self.BLOCK)
                 blocks = [self.world.records(self.task.name, self.rank + i * self.world_size) for i in positions]
+                shuffle = np.random.default_rng([self.seed, epoch, index, self.rank, _stable_hash(self.name)])
+                blocks = [[block[k] for k in shuffle.permutation(len(block))] for block in blocks]
             else:
                 order = np.random.default_rng([self.seed, epoch, _stable_hash(self.name)]).permutation(
                     len(self.records)
@@ -394,8 +396,6 @@ class TaskStream:
                 last = (len(self.records) - 1 - self.rank) // self.world_size  # this process's last position
                 positions = range(index, min(index + self.BLOCK, last + 1))
                 blocks = [[self.records[int(order[self.rank + i * self.world_size])]] for i in positions]
-            shuffle = np.random.default_rng([self.seed, epoch, index, self.rank, _stable_hash(self.name)])
-            blocks = [[block[k] for k in shuffle.permutation(len(block))] for block in blocks]
             interleaved = [
                 block[r] for r in range(max(map(len, blocks), default=0)) for block in blocks if r < len(block)
             ]
