@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from PIL import Image
 
@@ -85,6 +87,26 @@ def test_caption_scores_without_java_say_so_and_reward_exact_captions():
     assert exact["tokenizer"] == PTB_PYTHON
     assert exact["BLEU-1"] == pytest.approx(1.0)
     assert exact["CIDEr"] > wrong["CIDEr"]
+
+
+def test_a_java_that_cannot_run_the_ptb_tokenizer_falls_back_to_python(tmp_path, monkeypatch):
+    """PTBTokenizer ignores Java's exit status: a failing Java must not leave captions untokenized (KeyError)."""
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    fake_java = tmp_path / "java"
+    fake_java.write_text("#!/bin/sh\necho 'Error: Could not find or load main class' >&2\nexit 1\n")
+    fake_java.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    captions = {1: ["A red circle."], ("res", 2): ["Two blue squares, left of it."]}
+    tokenized, name = tokenize_captions(captions, use_java=True)
+    assert name == PTB_PYTHON
+    assert tokenized == {1: ["a red circle"], ("res", 2): ["two blue squares left of it"]}
+    figures = caption_scores({1: "a red circle"}, {1: ["a red circle"]}, use_java=True)
+    assert figures["tokenizer"] == PTB_PYTHON and figures["BLEU-1"] == pytest.approx(1.0)
+    # Java is found, but a trimmed pycocoevalcap without its Stanford CoreNLP jar cannot tokenize with it.
+    assert java_available()
+    monkeypatch.setattr(ptbtokenizer, "STANFORD_CORENLP_3_4_1_JAR", "missing.jar")
+    assert not java_available()
 
 
 # The official evaluation's rules, case by case (GT-Vision-Lab/VQA vqaEval.py).

@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +81,14 @@ def _ptb_python_line(text: str) -> str:
 
 
 def java_available() -> bool:
-    return shutil.which("java") is not None
+    """Java on PATH and the Stanford CoreNLP jar that pycocoevalcap's PTBTokenizer runs (a trimmed install lacks it)."""
+    if shutil.which("java") is None:
+        return False
+    try:
+        from pycocoevalcap.tokenizer import ptbtokenizer
+    except ImportError:
+        return False
+    return (Path(ptbtokenizer.__file__).parent / ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR).is_file()
 
 
 def tokenize_captions(captions: dict[Any, list[str]], use_java: bool | None = None) -> tuple[dict[Any, list[str]], str]:
@@ -94,9 +102,13 @@ def tokenize_captions(captions: dict[Any, list[str]], use_java: bool | None = No
 
         wrapped = {key: [{"caption": c} for c in texts] for key, texts in captions.items()}
         try:
-            return PTBTokenizer().tokenize(wrapped), PTB_JAVA
+            tokenized = PTBTokenizer().tokenize(wrapped)
         except (OSError, subprocess.SubprocessError):
-            pass  # a broken Java install: fall back, and the returned name says so
+            tokenized = {}
+        # PTBTokenizer ignores Java's exit status: a Java that cannot run the jar leaves captions untokenized. Then
+        # fall back, and the returned name says so.
+        if all(len(tokenized.get(key, ())) == len(texts) for key, texts in captions.items()):
+            return tokenized, PTB_JAVA
     return {key: [_ptb_python_line(c) for c in texts] for key, texts in captions.items()}, PTB_PYTHON
 
 
