@@ -691,3 +691,29 @@ def test_two_process_zero2_run_learns_checkpoints_and_resumes_exactly(workdir, t
     assert all(loss > 0 for loss in resumed.values())  # the stale steps 5-8 were replaced
     for step, loss in resumed.items():
         assert loss == pytest.approx(uninterrupted[step], rel=1e-5), (resumed, uninterrupted)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_main_job_trains_and_evaluates_every_task_on_a_gpu(workdir, tmp_path):
+    """The default job's path on one GPU: bf16 autocast (auto), DeepSpeed's one-process engine, the text-to-image
+    stream's VQ-GAN on the GPU, the evaluation of every task, a model folder that answers on the GPU."""
+    from unifier.predict import Unifier
+
+    run = tmp_path / "gpu"
+    main_job = {"config": DEFAULT_CONFIG, "final-eval": True, "eval-limit": 4, "gallery-scenes": 1}
+    run_subprocess([sys.executable, "train.py", *run_args(workdir, run, 12, **main_job)])
+    trained = losses(run)
+    assert list(trained) == list(range(1, 13))
+    assert sum(list(trained.values())[-3:]) / 3 < trained[1] - 0.3  # the loss falls
+    report = (run / "results.md").read_text()
+    assert "1 process(es), bf16 autocast, DeepSpeed without ZeRO partitioning" in report, report
+    names = [c.name for c, _ in load_mixture(MIXTURE)]
+    for name in names:
+        summary = json.loads((run / "eval" / f"{name}_metrics.json").read_text())
+        assert summary["count"] == 4 and summary["bf16"] is True, summary
+
+    unifier = Unifier.from_pretrained(run / "model", device="cuda")
+    assert unifier.device.type == "cuda" and unifier.image_tokenizer.device.type == "cuda"
+    answer = unifier.predict(prompt="a large red circle", task="text_to_image")
+    assert answer.image.size == (unifier.image_tokenizer.image_size,) * 2
