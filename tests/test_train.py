@@ -472,6 +472,44 @@ def test_mixture_batches_follow_the_weights(workdir):
     Collator(tokenizer, 32, [t.name for t in tasks])(sampler.batch(99, 0, 8))
 
 
+def test_prefetched_batches_are_the_sampler_s_own_and_checkpoints_get_the_positions_of_the_last_taken(workdir):
+    from unifier.tokenization import load_tokenizer
+    from unifier.train import BatchPrefetcher
+
+    tokenizer = load_tokenizer(workdir / "tokenizer")
+    mixture = load_mixture(MIXTURE)
+    tasks = [build_task_from_config(c, tokenizer) for c, _ in mixture]
+
+    def sampler():
+        streams = [TaskStream(c, t, 0, 0, 1) for (c, _), t in zip(mixture, tasks, strict=True)]
+        return MixtureSampler(streams, [w for _, w in mixture], lambda examples: examples, 0, 0, image_positions=16)
+
+    def ids(batches):  # every example of an update, by micro-batch: the task and the target
+        return [[(e.task, tuple(e.target_ids)) for e in group] for groups in batches for group in groups]
+
+    plain = sampler()
+    expected, positions = [], []
+    for step in range(5):
+        expected.append(ids(plain.update_batches(step, 8, 1, 2)))
+        positions.append(plain.state_dict())
+    ahead = BatchPrefetcher(sampler(), 8, 1, 2, enabled=True)
+    try:
+        for step in range(4):
+            assert ids(ahead.batches(step, last_step=4)) == expected[step]
+            # The thread has made (or is making) update step + 1 already; a checkpoint after update step saves these.
+            assert ahead.state_dict() == positions[step]
+            assert ahead.pending is not None and ahead.pending[0] == step + 1
+        assert ids(ahead.batches(4, last_step=4)) == expected[4] and ahead.pending is None  # nothing past the last
+        with pytest.raises(RuntimeError, match="prefetched update 6's batches, but update 9 was asked for"):
+            ahead.batches(5, last_step=10)
+            ahead.batches(9, last_step=10)
+    finally:
+        ahead.close()
+    inline = BatchPrefetcher(sampler(), 8, 1, 2, enabled=False)
+    assert ids(inline.batches(0, last_step=4)) == expected[0] and inline.pending is None
+    assert inline.state_dict() == positions[0]
+
+
 def test_length_groups_cut_batches_and_keep_the_batch_loss(workdir):
     """A batch cut into length groups pads less, and the token-weighted sum of the groups' losses is the loss of
     the whole batch (what train_step minimises)."""
@@ -610,6 +648,37 @@ def test_one_process_deepspeed_run_without_partitioning_resumes_exactly_under_it
     assert list(again) == [3, 4]  # log_every 1: each step's own loss
     for step in (3, 4):  # the optimizer state came back: Adam's moments shape updates 3 and 4
         assert again[step] == pytest.approx(uninterrupted[step], rel=1e-6), (again, uninterrupted)
+
+
+def test_a_run_that_prefetches_its_batches_trains_and_resumes_as_one_that_does_not(workdir, tmp_path):
+    """prefetch (on by default only on a GPU) makes the next update's batches in a thread: the same batches, the
+    same losses, and checkpoints that resume where the training was, not where the thread had got to."""
+    from accelerate.state import AcceleratorState
+
+    from unifier.train import main
+
+    runs = {}
+    for name, prefetch in (("inline", False), ("ahead", True), ("resumed", True)):
+        out = tmp_path / name
+        flags = {"checkpoint-every": 2, "keep-last": 3, "prefetch": prefetch}
+        if name == "resumed":
+            shutil.copytree(tmp_path / "ahead/checkpoints/step-2", out / "checkpoints/step-2")
+            flags["resume"] = "latest"
+        try:
+            assert main(run_args(workdir, out, 5, zero=0, **flags)) == 0
+        finally:
+            AcceleratorState._reset_state(True)
+        runs[name] = losses(out)
+    assert yaml.safe_load((tmp_path / "ahead/config.yaml").read_text())["prefetch"] is True
+    assert list(runs["inline"]) == list(runs["ahead"]) == [1, 2, 3, 4, 5] and list(runs["resumed"]) == [3, 4, 5]
+    for step, loss in runs["inline"].items():
+        assert runs["ahead"][step] == pytest.approx(loss, rel=1e-5), (runs["ahead"], runs["inline"])
+    for step in (3, 4, 5):
+        assert runs["resumed"][step] == pytest.approx(runs["ahead"][step], rel=1e-5), (runs["resumed"], runs["ahead"])
+    for step in (2, 4, 5):
+        position = f"checkpoints/step-{step}/data-rank0.json"
+        inline, ahead = (json.loads((tmp_path / n / position).read_text()) for n in ("inline", "ahead"))
+        assert ahead["streams"] == inline["streams"], step
 
 
 @pytest.mark.slow

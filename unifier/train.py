@@ -93,6 +93,10 @@ class TrainConfig:
     # codes) do not pad every short one; the update is the same weighted mean over the whole batch, and the groups
     # share one backward pass.
     length_groups: int = 2
+    # Make the next update's batches in a background thread while this one trains. "auto": on a GPU, where the
+    # update's CPU side (Python and kernel launches) waits for the device often enough to leave the CPU free; off on
+    # a CPU, whose cores the update already keeps busy.
+    prefetch: bool | str = "auto"
     # Each example's token-mean loss weighs (its target tokens) ** loss_length_power in the update. 1: every target
     # token counts once (the token-mean: a 65-code image outweighs a one-word answer 30 to 1); 0: every example
     # counts once, so the mixture weights alone set each task's share of the gradient.
@@ -166,6 +170,8 @@ class TrainConfig:
             len(self.schedule_anchor) != 2 or not 0.0 <= float(self.schedule_anchor[1]) <= 1.0
         ):
             problems.append(f"schedule_anchor must be [step, progress in [0, 1]], got {self.schedule_anchor!r}")
+        if not isinstance(self.prefetch, bool) and self.prefetch != "auto":
+            problems.append(f"prefetch must be true, false or auto, got {self.prefetch!r}")
         if bf16_setting_problem(self.bf16):
             problems.append(bf16_setting_problem(self.bf16))
         if self.time_budget_minutes < 0 or self.final_eval_updates < 0:
@@ -487,6 +493,60 @@ class MixtureSampler:
             if s.name not in state:
                 raise ValueError(f"the checkpoint has no data position for task {s.name!r} (it has {sorted(state)})")
             s.load_state_dict(state[s.name])
+
+
+class BatchPrefetcher:
+    """A MixtureSampler's update batches, made one update ahead in a background thread when `enabled`.
+
+    `batches(step)` returns update `step`'s batches (made now, or taken from the thread that made them while the
+    last update trained) and starts on step + 1's. The streams' positions then run one update ahead of the training,
+    so a checkpoint saves `state_dict()`: the positions right after update `step`'s batches, as without prefetching.
+    One thread calling the sampler in step order draws exactly the batches the training loop would (every draw is
+    keyed by seed, step and stream position; none uses a global generator)."""
+
+    def __init__(
+        self,
+        sampler: MixtureSampler,
+        batch_size: int,
+        grad_accum: int,
+        length_groups: int,
+        enabled: bool,
+        device: torch.device | None = None,
+    ):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.sampler, self.shape = sampler, (batch_size, grad_accum, length_groups)
+        self.state = sampler.state_dict()
+        self.pending = None  # (step, future of (batches, positions after them))
+        # The thread's CUDA calls (the text-to-image VQ-GAN encode) go to this process's GPU, not GPU 0.
+        on_cuda = device is not None and device.type == "cuda"
+        init = (lambda: torch.cuda.set_device(device)) if on_cuda else None
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="batches", initializer=init) if enabled else None
+
+    def _make(self, step: int) -> tuple[list[list], dict]:
+        batches = self.sampler.update_batches(step, *self.shape)
+        return batches, self.sampler.state_dict()
+
+    def batches(self, step: int, last_step: int) -> list[list]:
+        """Update `step`'s batches; makes `step + 1`'s in the background unless `step` is `last_step`."""
+        if self.pending is not None and self.pending[0] == step:
+            batches, self.state = self.pending[1].result()
+        else:
+            if self.pending is not None:  # a batch made for a step the loop did not take
+                raise RuntimeError(f"prefetched update {self.pending[0]}'s batches, but update {step} was asked for")
+            batches, self.state = self._make(step)
+        self.pending = None
+        if self.executor is not None and step < last_step:
+            self.pending = (step + 1, self.executor.submit(self._make, step + 1))
+        return batches
+
+    def state_dict(self) -> dict[str, dict[str, int]]:
+        return self.state
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+        self.pending = None
 
 
 def split_by_length(examples: Sequence, groups: int, image_positions: int = 0) -> list[list]:
@@ -989,10 +1049,13 @@ def train(config: TrainConfig) -> Path:
         accelerator.print(f"resumed from {checkpoint} at step {start}")
 
     log = RunLog(run_dir, accelerator.is_main_process, config.tensorboard, start_step=start)
+    prefetch = accelerator.device.type == "cuda" if config.prefetch == "auto" else bool(config.prefetch)
+    shape = (config.batch_size, config.grad_accum, config.length_groups)
+    prefetcher = BatchPrefetcher(sampler, *shape, enabled=prefetch, device=accelerator.device)
 
     def checkpoint_at(step: int) -> Path:  # with the schedule as a time budget has fitted it so far
         schedule = {"steps": config.steps, "schedule_anchor": config.schedule_anchor}
-        args = (accelerator, model, tokenizer_folder, task_options, task_decoding, run_dir, step, sampler)
+        args = (accelerator, model, tokenizer_folder, task_options, task_decoding, run_dir, step, prefetcher)
         return save_checkpoint(*args, keep=config.keep_last, schedule=schedule)
 
     per_step = config.batch_size * config.grad_accum * world
@@ -1009,7 +1072,7 @@ def train(config: TrainConfig) -> Path:
             break
         if step == BUDGET_PROBE[0]:
             probe_start = time.perf_counter()
-        batches = sampler.update_batches(step, config.batch_size, config.grad_accum, config.length_groups)
+        batches = prefetcher.batches(step, last_step=config.steps - 1)
         batches = [[group.to(accelerator.device) for group in groups] for groups in batches]
         outputs, grad_norm = train_step(
             accelerator, model, optimizer, scheduler, batches, config.max_grad_norm, config.loss_length_power
@@ -1066,6 +1129,7 @@ def train(config: TrainConfig) -> Path:
             fit(done, job_start, probe_start, done - BUDGET_PROBE[0], BUDGET_REFIT_SLACK)
 
     bar.close()
+    prefetcher.close()
     if config.checkpoint_every:
         checkpoint_at(config.steps)
     final = run_dir / "model"
