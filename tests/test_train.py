@@ -715,6 +715,7 @@ def test_two_process_zero2_run_learns_checkpoints_and_resumes_exactly(workdir, t
     preset = tmp_path / "preset.yaml"
     preset.write_text(f"base: {DEFAULT_CONFIG}\neval_decoding:\n  text_to_image: {{samples: 2}}\n")
     main_job = {"config": preset, "checkpoint-every": 4, "final-eval": True, "eval-limit": 6, "gallery-scenes": 1}
+    main_job["tokenizer-recipe"] = ""  # the folder is there; nothing to build it from
     run_subprocess([*torchrun(), "train.py", *run_args(workdir, full, 8, zero="auto", **main_job)])
     uninterrupted = losses(full)
     assert list(uninterrupted) == list(range(1, 9))
@@ -738,6 +739,7 @@ def test_two_process_zero2_run_learns_checkpoints_and_resumes_exactly(workdir, t
     assert all(f"| {name} |" in report for name in names) and "2 process(es)" in report and "DeepSpeed ZeRO-2" in report
     assert f"2 process(es), {'bf16 autocast' if has_native_bf16('cpu') else 'fp32'}," in report
     assert "- text_to_image decoded with samples 2 (eval_decoding)" in report
+    assert "--tokenizer-recipe '' " in report  # the command as a shell would take it back
     assert (full / "gallery" / "index.html").is_file()
     assert json.loads((full / "model" / "tasks.json").read_text())["vqa"]["answers"][:2] == ["yes", "no"]
     decoding = json.loads((full / "model" / "decoding.json").read_text())  # as the evaluation decoded each task

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import socket
 import sys
@@ -1251,7 +1252,8 @@ def render_report(
         "",
         table,
         "",
-        f"- command: `{' '.join(['python', *sys.argv]) if sys.argv else 'train()'}`",
+        # as a shell takes it back: an empty value (--tokenizer-recipe '') quoted
+        f"- command: `{shlex.join(['python', *sys.argv]) if sys.argv else 'train()'}`",
         f"- model `{config.model}`, {config.steps} steps of {config.batch_size * config.grad_accum * processes} "
         f"examples, mixture `{config.mixture}`, evaluated on the `{config.eval_split}` split of each task file",
         f"- machine: {device}, {processes} process(es), {precision}, {engine}, torch {torch.__version__}, "
