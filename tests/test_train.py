@@ -232,11 +232,16 @@ def test_presets_start_from_a_base_file(tmp_path):
     )
     # The full preset builds its own, longer-trained VQ-GAN rather than overwriting the default's tokenizer folder.
     assert full.tokenizer != default.tokenizer and full.tokenizer_recipe == "tokenizers/shapes-full.yaml"
+    # The GPU preset: the full preset's samples in a quarter of its updates, the same tokenizer and evaluation.
+    gpu = load_config(REPO / "configs/train/gpu.yaml")
+    assert gpu.steps * gpu.batch_size == full.steps * full.batch_size and gpu.batch_size == 4 * full.batch_size
+    assert (gpu.tokenizer, gpu.eval_decoding, gpu.time_budget_minutes) == (full.tokenizer, full.eval_decoding, 0)
+    assert gpu.output_dir not in (full.output_dir, default.output_dir) and gpu.prefetch == "auto"
     (tmp_path / "a.yaml").write_text("base: b.yaml\nsteps: 5\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\nlr: 0.1\n")
     with pytest.raises(ValueError, match="form a cycle"):
         load_config(tmp_path / "a.yaml")
-    with pytest.raises(SystemExit, match="unknown preset 'nope'; known: full, .*shapes"):
+    with pytest.raises(SystemExit, match="unknown preset 'nope'; known: full, gpu, shapes"):
         main(["--preset", "nope"])
     with pytest.raises(SystemExit, match="--preset or --config, not both"):
         main(["--preset", "shapes", "--config", "configs/train/shapes.yaml"])

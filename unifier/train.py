@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help=f"a TrainConfig YAML (default: {DEFAULT_CONFIG.relative_to(REPO)})")
     parser.add_argument(
         "--preset",
-        help=f"a config of {PRESETS_DIR.relative_to(REPO)}/ by name: shapes (the default), full (12,000 steps)",
+        help=f"a config of {PRESETS_DIR.relative_to(REPO)}/ by name: shapes (the default), full (12,000 steps), gpu (the full preset's samples as 3,000 steps of 128)",
     )
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("extra", "targets", "eval_decoding", "schedule_anchor"):
