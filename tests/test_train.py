@@ -618,6 +618,7 @@ def test_plain_loop_run_writes_logs_checkpoints_and_a_loadable_model(workdir, tm
     assert [e["step"] for e in train_entries] == [1, 2, 3, 4, 5, 6]
     # shapes.yaml's bf16: auto, resolved for this CPU: the run's config says what it did
     assert yaml.safe_load((out / "config.yaml").read_text())["bf16"] is has_native_bf16("cpu")
+    assert yaml.safe_load((out / "config.yaml").read_text())["prefetch"] is False  # auto: off on a CPU
     assert all(e["samples_per_s"] > 0 and e["task_loss"] and e["grad_norm"] > 0 for e in train_entries)
     val = [e for e in entries if "val_loss" in e]
     assert [e["step"] for e in val] == [3, 6] and set(val[0]["val_loss"]) == {c.name for c, _ in load_mixture(MIXTURE)}

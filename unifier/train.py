@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help=f"a TrainConfig YAML (default: {DEFAULT_CONFIG.relative_to(REPO)})")
     parser.add_argument(
         "--preset",
-        help=f"a config of {PRESETS_DIR.relative_to(REPO)}/ by name: shapes (the default), full (12,000 steps), gpu (the full preset's samples as 3,000 steps of 128)",
+        help=f"a config of {PRESETS_DIR.relative_to(REPO)}/ by name: shapes (the default), full (12,000 steps), "
+        "gpu (the full preset's samples as 3,000 steps of 128)",
     )
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("extra", "targets", "eval_decoding", "schedule_anchor"):
@@ -986,6 +987,8 @@ def train(config: TrainConfig) -> Path:
         )
     config.bf16 = resolve_bf16(config.bf16, "cuda" if torch.cuda.is_available() else "cpu")
     accelerator = make_accelerator(config)
+    if config.prefetch == "auto":  # resolved like bf16, so that the run's config.yaml says what it did
+        config.prefetch = accelerator.device.type == "cuda"
     accelerator.print(
         f"precision: {'bf16 autocast' if config.bf16 else 'fp32'} on {describe_device(accelerator.device)}"
     )
@@ -1050,9 +1053,8 @@ def train(config: TrainConfig) -> Path:
         accelerator.print(f"resumed from {checkpoint} at step {start}")
 
     log = RunLog(run_dir, accelerator.is_main_process, config.tensorboard, start_step=start)
-    prefetch = accelerator.device.type == "cuda" if config.prefetch == "auto" else bool(config.prefetch)
     shape = (config.batch_size, config.grad_accum, config.length_groups)
-    prefetcher = BatchPrefetcher(sampler, *shape, enabled=prefetch, device=accelerator.device)
+    prefetcher = BatchPrefetcher(sampler, *shape, enabled=config.prefetch, device=accelerator.device)
 
     def checkpoint_at(step: int) -> Path:  # with the schedule as a time budget has fitted it so far
         schedule = {"steps": config.steps, "schedule_anchor": config.schedule_anchor}
