@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -23,6 +24,7 @@ from unifier.metrics import (
     build_metric,
     caption_scores,
     compute_metrics,
+    headline_figures,
     java_available,
     merge_states,
     normalize_vqa_answer,
@@ -31,6 +33,7 @@ from unifier.metrics import (
 )
 from unifier.tasks.base import BoxOutput, ImageOutput, TextOutput
 
+ANSWER_TYPE_KEYS = ("vqa_accuracy/number", "vqa_accuracy/other", "vqa_accuracy/yes/no")
 needs_java = pytest.mark.skipif(not java_available(), reason="Java runs pycocoevalcap's PTBTokenizer")
 
 TYPICAL_CAPTIONS = [
@@ -177,6 +180,15 @@ def test_vqa_grounding_entailment_region_accumulators_sum_over_shards():
     figures = _states_merged("vqa", vqa, 1)
     assert figures["vqa_accuracy"] == pytest.approx((1 + 0 + 0.9) / 3)
     assert figures["vqa_accuracy/number"] == 0.0 and figures["count"] == 3
+    assert not any("/by_" in key for key in figures)  # records without a question type: no breakdown
+    typed = [
+        (dataclasses.replace(record, question_type=kind), output)
+        for (record, output), kind in zip(vqa, ["what color is the", "how many", "what color is the"], strict=True)
+    ]
+    figures = _states_merged("vqa", typed, 2)
+    assert figures["vqa_accuracy/by_question_type/what color is the"] == pytest.approx((1 + 0.9) / 2)
+    assert figures["vqa_accuracy/by_question_type/how many"] == 0.0
+    assert headline_figures(figures) == {k: figures[k] for k in ("count", "vqa_accuracy", *ANSWER_TYPE_KEYS)}
 
     grounding = [
         (GroundingRecord(1, 1, image, "red circle", (0, 0, 10, 10), 64, 64), BoxOutput((0, 0, 10, 10))),
@@ -192,7 +204,16 @@ def test_vqa_grounding_entailment_region_accumulators_sum_over_shards():
         (EntailmentRecord(2, 1, image, "the red circle is heavy", "neutral"), TextOutput("maybe")),
         (EntailmentRecord(3, 1, image, "there are two shapes", "no"), TextOutput("yes")),
     ]
-    assert _states_merged("entailment", entailment, 2)["accuracy"] == pytest.approx(2 / 3)
+    figures = _states_merged("entailment", entailment, 2)
+    assert figures["accuracy"] == pytest.approx(2 / 3)
+    assert (figures["accuracy/by_label/entailment"], figures["accuracy/by_label/contradiction"]) == (1.0, 0.0)
+    assert figures["accuracy/by_label/neutral"] == 1.0 and headline_figures(figures) == {"accuracy": 2 / 3, "count": 3}
+    typed = [
+        (dataclasses.replace(r, hypothesis_type=t), o)
+        for (r, o), t in zip(entailment, ["exist", "neutral", "count"], strict=True)
+    ]
+    figures = _states_merged("entailment", typed, 1)
+    assert [figures[f"accuracy/by_hypothesis_type/{t}"] for t in ("exist", "neutral", "count")] == [1.0, 1.0, 0.0]
     row = build_metric("entailment").add(*entailment[1])
     assert row["predicted_label"] == "neutral" and row["gold_label"] == "neutral" and row["pairID"] == 2
 

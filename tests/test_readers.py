@@ -220,6 +220,7 @@ def test_vqav2_keeps_all_ten_answers(tmp_path, cache):
         "other",
     )
     assert first.answers == ("black",) * 7 + ("gray", "dark gray", "black")
+    assert first.question_type == "what color is the"  # the VQA metric's breakdown, as VQAv2's evaluation gives it
     assert first.image.endswith("val2014/COCO_val2014_000000000042.jpg") and first.answer_scores is None
     assert records[1].answers == ("2",) * 10
 

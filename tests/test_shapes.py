@@ -229,6 +229,7 @@ def test_vqa_answers_are_right_in_the_vocabulary_and_cover_it(scenes):
             used_families.add(family)
             expected_type = {"count": "number", "count_color": "number", "exist": "yes/no", "left": "yes/no"}
             assert record.answer_type == expected_type.get(family, "other")
+            assert record.question_type == family  # the VQA metric's breakdown
             used_answers.add(record.answer)
     assert used_answers == set(ANSWER_VOCAB)
     assert used_families == set(QUESTION_FAMILIES)
@@ -257,6 +258,17 @@ def test_entailment_labels_are_balanced_and_true(scenes):
         if pattern in text and label != "maybe"
     }
     assert {label for label, _ in kinds} == {"yes", "no"} and len(kinds) == 8  # every template, true and false
+
+    def template(text: str) -> str:
+        if " left of " in text:
+            return "left"
+        if text == "there is one shape" or text.endswith(" shapes"):
+            return "count"
+        return "exist" if text.startswith("there is a ") else "size"
+
+    for record in (r for s in scenes for r in scene_records(s, "entailment")):
+        expected = "neutral" if record.label == "maybe" else template(record.hypothesis)
+        assert record.hypothesis_type == expected, record  # the entailment metric's breakdown
     assert "there is one shape" in {text for text, _ in hypotheses}
 
 

@@ -86,10 +86,11 @@ def test_vqa_layout_holds_the_generator_records(written):
                 annotation["multiple_choice_answer"],
                 tuple(a["answer"] for a in annotation["answers"]),
                 annotation["answer_type"],
+                annotation["question_type"],
             )
         )
     expected = [
-        (r.question_id, r.image_id, r.question, r.answer, r.answers, r.answer_type)
+        (r.question_id, r.image_id, r.question, r.answer, r.answers, r.answer_type, r.question_type)
         for scene in scenes()
         for r in scene_records(scene, "vqa")
     ]

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from unifier.data.shapes import corpus
+from unifier.data.shapes import QUESTION_FAMILIES, corpus
 from unifier.precision import has_native_bf16
 from unifier.tasks import build_task_from_config, load_mixture, prompt_texts
 from unifier.tokenization import UnifierTokenizer
@@ -41,6 +41,7 @@ from unifier.train import (
     load_config,
     lr_factor,
     reschedule,
+    results_table,
     split_by_length,
     steps_within_budget,
     train,
@@ -245,6 +246,19 @@ def test_presets_start_from_a_base_file(tmp_path):
         main(["--preset", "nope"])
     with pytest.raises(SystemExit, match="--preset or --config, not both"):
         main(["--preset", "shapes", "--config", "configs/train/shapes.yaml"])
+
+
+def test_the_results_table_checks_targets_and_leaves_the_breakdowns_to_the_metrics_files():
+    summaries = {
+        "vqa": {
+            "count": 7,
+            "metrics": {"vqa_accuracy": 0.5, "vqa_accuracy/by_question_type/exist": 0.25, "vqa_accuracy/yes/no": 0.4},
+        },
+        "caption": {"count": 3, "metrics": {"CIDEr": 1.25, "accuracy/by_label/x": 1.0}},
+    }
+    table = results_table(summaries, {"vqa": {"vqa_accuracy": 0.5}}).splitlines()
+    assert table[2] == "| vqa | 7 | vqa_accuracy | 50.0% | >= 50.0% | yes | vqa_accuracy/yes/no 40.0% |"
+    assert table[3] == "| caption | 3 | CIDEr | 1.250 |  |  |  |"
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -746,6 +760,13 @@ def test_two_process_zero2_run_learns_checkpoints_and_resumes_exactly(workdir, t
     assert f"2 process(es), {'bf16 autocast' if has_native_bf16('cpu') else 'fp32'}," in report
     assert "- text_to_image decoded with samples 2 (eval_decoding)" in report
     assert "--tokenizer-recipe '' " in report  # the command as a shell would take it back
+    assert "/by_" not in report  # the breakdowns stay in the metrics files
+    vqa = json.loads((full / "eval" / "vqa_metrics.json").read_text())["metrics"]
+    families = {key.rsplit("/", 1)[1] for key in vqa if "/by_question_type/" in key}
+    assert families and families <= set(QUESTION_FAMILIES)
+    entailment = json.loads((full / "eval" / "entailment_metrics.json").read_text())["metrics"]
+    assert {f"accuracy/by_label/{label}" for label in ("entailment", "contradiction", "neutral")} <= set(entailment)
+    assert "accuracy/by_hypothesis_type/neutral" in entailment  # the first scene's six hypotheses, two of them neutral
     assert (full / "gallery" / "index.html").is_file()
     assert json.loads((full / "model" / "tasks.json").read_text())["vqa"]["answers"][:2] == ["yes", "no"]
     decoding = json.loads((full / "model" / "decoding.json").read_text())  # as the evaluation decoded each task

@@ -46,7 +46,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from unifier.metrics import build_metric, compute_metrics, merge_states
+from unifier.metrics import build_metric, compute_metrics, headline_figures, merge_states
 from unifier.tasks.base import BoxOutput, ImageOutput, TextOutput
 
 DEFAULT_BATCH_SIZE = 16
@@ -445,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if rank == 0:
         figures = ", ".join(
-            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary["metrics"].items()
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in headline_figures(summary["metrics"]).items()
         )
         print(f"{summary['name']} ({summary['count']} examples): {figures}")
         print(f"wrote {summary['results_file']} and {summary['metrics_file']}")

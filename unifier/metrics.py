@@ -244,6 +244,16 @@ def _shapes_objects(caption: str):
     return parse_caption(caption)
 
 
+# Metric keys holding `BREAKDOWN` are a headline figure split by some property of the examples ("vqa_accuracy/by_
+# question_type/exist"): written to the metrics file, left out of one-line summaries.
+BREAKDOWN = "/by_"
+
+
+def headline_figures(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics without their breakdowns (VQAv2 has 65 question types): what a results table or a log line shows."""
+    return {key: value for key, value in metrics.items() if BREAKDOWN not in key}
+
+
 class Metric:
     """Sums of per-example scores; `add` returns the example's row for the public results file."""
 
@@ -329,9 +339,12 @@ class VqaMetric(Metric):
 
     def add(self, record, output) -> dict[str, Any]:
         answers = record.answers or (record.answer,)
-        self._score("vqa_accuracy", vqa_accuracy(output.text, answers))
+        score = vqa_accuracy(output.text, answers)
+        self._score("vqa_accuracy", score)
         if record.answer_type:
-            self._score(f"vqa_accuracy/{record.answer_type}", vqa_accuracy(output.text, answers))
+            self._score(f"vqa_accuracy/{record.answer_type}", score)
+        if record.question_type:
+            self._score(f"vqa_accuracy{BREAKDOWN}question_type/{record.question_type}", score)
         return {"question_id": record.question_id, "answer": output.text}
 
 
@@ -376,7 +389,13 @@ class EntailmentMetric(Metric):
         answer_to_label = {a: label for label, a in SNLI_VE_LABEL_TO_ANSWER.items()}
         gold = SNLI_VE_LABEL_TO_ANSWER.get(record.label, record.label)  # records may hold either form
         predicted = output.text.strip().lower()
-        self._score("accuracy", predicted == gold)
+        correct = predicted == gold
+        self._score("accuracy", correct)
+        # By gold label (SNLI-VE's names) and by template: a model that answers from the hypothesis's wording alone
+        # (the shapes world's "maybe" predicates, or "no" to every existence claim) shows there and not in the mean.
+        self._score(f"accuracy{BREAKDOWN}label/{answer_to_label.get(gold, gold)}", correct)
+        if record.hypothesis_type:
+            self._score(f"accuracy{BREAKDOWN}hypothesis_type/{record.hypothesis_type}", correct)
         return {
             "pairID": record.pair_id,
             "image_id": record.image_id,

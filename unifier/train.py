@@ -40,6 +40,7 @@ import torch
 import yaml
 
 from unifier.config_files import load_yaml_with_base
+from unifier.metrics import headline_figures
 from unifier.precision import bf16_setting_problem, describe_device, resolve_bf16
 
 REPO = Path(__file__).resolve().parents[1]
@@ -1213,7 +1214,8 @@ def _figure(metric: str, value: Any) -> str:
 
 
 def results_table(summaries: dict[str, dict[str, Any]], targets: dict[str, dict[str, float]]) -> str:
-    """A Markdown table: one row per (task, metric) with a target, then the task's other figures in one cell."""
+    """A Markdown table: one row per (task, metric) with a target, then the task's other headline figures in one cell
+    (the breakdowns by question type, label, ... are in each task's metrics file)."""
     lines = [
         "| task | examples | metric | value | target | met | other figures |",
         "| --- | ---: | --- | ---: | ---: | :-: | --- |",
@@ -1222,7 +1224,7 @@ def results_table(summaries: dict[str, dict[str, Any]], targets: dict[str, dict[
         metrics = summary["metrics"]
         bars = targets.get(name, {})
         shown = list(bars) or list(metrics)[:1]
-        others = ", ".join(f"{k} {_figure(k, v)}" for k, v in metrics.items() if k not in shown)
+        others = ", ".join(f"{k} {_figure(k, v)}" for k, v in headline_figures(metrics).items() if k not in shown)
         for metric in shown:
             value = metrics.get(metric)
             if metric in bars:

@@ -254,6 +254,7 @@ def _vqav2_records(questions_json: str, annotations_json: str | None, images_dir
                     for k, a in enumerate(answers)
                 ),
                 "answer_type": annotation.get("answer_type"),
+                "question_type": annotation.get("question_type"),
             }
     files = ImageFiles()
     for i, question in enumerate(questions):
@@ -269,7 +270,7 @@ def _vqav2_records(questions_json: str, annotations_json: str | None, images_dir
             yield Skip("empty question", str(question_id))
             continue
         if annotations_json is None:
-            answer = {"answer": "", "answers": (), "answer_type": None}
+            answer = {"answer": "", "answers": (), "answer_type": None, "question_type": None}
         elif question_id not in by_question:
             yield Skip("question without annotation", str(question_id))
             continue

@@ -50,6 +50,9 @@ class VqaRecord:
     # Soft scores aligned with `answers` where a data set gives them instead of ten raw answers (OFA's VQA TSV
     # `conf|!+answer`); the VQA metric then scores a prediction by its answer's score. None: plain answers.
     answer_scores: tuple[float, ...] | None = None
+    # VQAv2's question_type (the question's opening words, "what color is the"); the shapes world's question family.
+    # The VQA metric breaks its accuracy down by it, as VQAv2's evaluation does.
+    question_type: str | None = None
     task: str = field(default="vqa", init=False)
 
 
@@ -91,6 +94,9 @@ class EntailmentRecord:
     hypothesis: str
     label: str
     premise: str | None = None
+    # The hypothesis's template where a data set has one (the shapes world: exist / count / size / left / neutral);
+    # the entailment metric breaks its accuracy down by it.
+    hypothesis_type: str | None = None
     task: str = field(default="entailment", init=False)
 
 

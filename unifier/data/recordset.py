@@ -38,7 +38,7 @@ from unifier.images import MAX_IMAGE_PIXELS, ImageLoadError, load_image
 logger = logging.getLogger(__name__)
 
 # Bump when the row layout or a reader's output changes, so stale caches are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 ID_ANNOTATIONS = ("int | str", "int | str | None")
 # Record field annotation -> Arrow feature (records.py writes annotations as strings).
 FEATURE_BY_ANNOTATION: dict[str, Any] = {

@@ -353,19 +353,20 @@ def _false_hypotheses(scene: Scene, rng: np.random.Generator) -> dict[str, str]:
     return hypotheses
 
 
-def scene_hypotheses(scene: Scene) -> list[tuple[str, str]]:
-    """(hypothesis, label) pairs: HYPOTHESES_PER_LABEL each of yes, no, maybe, from distinct templates."""
+def scene_hypotheses(scene: Scene) -> list[tuple[str, str, str]]:
+    """(template, hypothesis, label): HYPOTHESES_PER_LABEL each of yes, no, maybe, from distinct templates (a key of
+    ENTAILMENT_TEMPLATES, or "neutral" for NEUTRAL_TEMPLATE)."""
     rng = scene_rng(scene.split, scene.index, scene.seed, "entailment")
-    pairs: list[tuple[str, str]] = []
+    pairs: list[tuple[str, str, str]] = []
     for label, candidates in (("yes", _true_hypotheses(scene, rng)), ("no", _false_hypotheses(scene, rng))):
         families = list(candidates)
         for k in rng.choice(len(families), size=HYPOTHESES_PER_LABEL, replace=False).tolist():
-            pairs.append((candidates[families[k]], label))
+            pairs.append((families[k], candidates[families[k]], label))
     predicates = rng.choice(len(ENTAILMENT_NEUTRAL_PREDICATES), size=HYPOTHESES_PER_LABEL, replace=False)
     for k in predicates.tolist():
         obj = _pick(rng, list(scene.objects))
         text = NEUTRAL_TEMPLATE.format(color=obj.color, shape=obj.shape, predicate=ENTAILMENT_NEUTRAL_PREDICATES[k])
-        pairs.append((text, "maybe"))
+        pairs.append(("neutral", text, "maybe"))
     return pairs
 
 
@@ -406,6 +407,7 @@ def scene_records(scene: Scene, task: str, image: np.ndarray | None = None) -> l
                 answer=answer,
                 answers=(answer,) * VQA_ANSWER_COPIES,
                 answer_type=QUESTION_ANSWER_TYPES[family],
+                question_type=family,
             )
             for family, question, answer in scene_questions(scene)
         ]
@@ -440,9 +442,15 @@ def scene_records(scene: Scene, task: str, image: np.ndarray | None = None) -> l
         premise = scene.canonical_caption
         return [
             EntailmentRecord(
-                pair_id=image_id * 10 + k, image_id=image_id, image=image, hypothesis=text, label=label, premise=premise
+                pair_id=image_id * 10 + k,
+                image_id=image_id,
+                image=image,
+                hypothesis=text,
+                label=label,
+                premise=premise,
+                hypothesis_type=template,
             )
-            for k, (text, label) in enumerate(scene_hypotheses(scene))
+            for k, (template, text, label) in enumerate(scene_hypotheses(scene))
         ]
     return [TextToImageRecord(uid=image_id, caption=scene.canonical_caption, image=image, image_id=image_id)]
 
@@ -514,7 +522,7 @@ def scene_texts(scene: Scene) -> Iterator[str]:
     for _, question, answer in scene_questions(scene):
         yield question
         yield answer
-    for hypothesis, _ in scene_hypotheses(scene):
+    for _, hypothesis, _ in scene_hypotheses(scene):
         yield hypothesis
     for obj in scene.objects:
         yield obj.phrase
