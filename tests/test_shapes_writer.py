@@ -146,15 +146,15 @@ def test_snli_ve_layout_holds_the_entailment_records(written):
     lines = (folder / "snli_ve.jsonl").read_text(encoding="utf-8").splitlines()
     rows = [json.loads(line) for line in lines]
     for row in rows:
-        assert set(row) == {"Flickr30K_ID", "sentence1", "sentence2", "gold_label", "pairID"}
+        assert set(row) == {"Flickr30K_ID", "sentence1", "sentence2", "gold_label", "pairID", "hypothesis_type"}
         assert (folder / "images" / f"{row['Flickr30K_ID']}.png").is_file()
     read_back = [
         (row["pairID"], int(row["Flickr30K_ID"]), row["sentence2"], SNLI_VE_LABEL_TO_ANSWER[row["gold_label"]],
-         row["sentence1"])
+         row["sentence1"], row["hypothesis_type"])
         for row in rows
     ]  # fmt: skip
     expected = [
-        (r.pair_id, r.image_id, r.hypothesis, r.label, r.premise)
+        (r.pair_id, r.image_id, r.hypothesis, r.label, r.premise, r.hypothesis_type)
         for scene in scenes()
         for r in scene_records(scene, "entailment")
     ]

@@ -499,7 +499,7 @@ def _snli_ve_records(jsonl_path: str, images_dir: str, image_ext: str) -> Iterat
             elif not hypothesis:
                 yield Skip("empty hypothesis", where)
             else:
-                premise = item.get("sentence1")
+                premise, hypothesis_type = item.get("sentence1"), item.get("hypothesis_type")
                 yield _image_or_skip(files, path) or EntailmentRecord(
                     pair_id=pair_id,
                     image_id=text_id(flickr_id),
@@ -507,4 +507,6 @@ def _snli_ve_records(jsonl_path: str, images_dir: str, image_ext: str) -> Iterat
                     hypothesis=hypothesis,
                     label=SNLI_VE_LABEL_TO_ANSWER[gold_label],
                     premise=premise.strip() if isinstance(premise, str) else None,
+                    # Not an SNLI-VE field: a shapes split written by `unifier data shapes` adds its template.
+                    hypothesis_type=hypothesis_type if isinstance(hypothesis_type, str) else None,
                 )

@@ -13,7 +13,8 @@ Layout of OUT/{split}/ (shared/shapes-world.md, "Files"):
     refs.json                      the refer toolkit's refs: [{ref_id, image_id, ann_id, split, category_id,
                                    sentences: [{sent, raw, tokens, sent_id}], sent_ids}], sentences
                                    [`{size} {color} {shape}`, `{color} {shape}`]
-    snli_ve.jsonl                  SNLI-VE lines {Flickr30K_ID, sentence1, sentence2, gold_label, pairID}
+    snli_ve.jsonl                  SNLI-VE lines {Flickr30K_ID, sentence1, sentence2, gold_label, pairID} plus
+                                   hypothesis_type (the template; SNLI-VE's own lines have none)
     manifest.json                  {split, n, seed, image_size, counts, files}: written last
 
 Ids are the generator's: image id = scene index, caption id = image_id * 10 + k, question_id =
@@ -135,6 +136,7 @@ def _scene_entries(split: str, index: int, seed: int, image_size: int, image_dir
             "sentence2": record.hypothesis,
             "gold_label": ANSWER_TO_SNLI_VE_LABEL[record.label],
             "pairID": record.pair_id,
+            "hypothesis_type": record.hypothesis_type,
         }
         for record in scene_records(scene, "entailment", image)
     ]
