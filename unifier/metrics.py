@@ -388,12 +388,13 @@ class EntailmentMetric(Metric):
 
         answer_to_label = {a: label for label, a in SNLI_VE_LABEL_TO_ANSWER.items()}
         gold = SNLI_VE_LABEL_TO_ANSWER.get(record.label, record.label)  # records may hold either form
+        gold_label = answer_to_label.get(gold, gold)
         predicted = output.text.strip().lower()
         correct = predicted == gold
         self._score("accuracy", correct)
         # By gold label (SNLI-VE's names) and by template: a model that answers from the hypothesis's wording alone
         # (the shapes world's "maybe" predicates, or "no" to every existence claim) shows there and not in the mean.
-        self._score(f"accuracy{BREAKDOWN}label/{answer_to_label.get(gold, gold)}", correct)
+        self._score(f"accuracy{BREAKDOWN}label/{gold_label}", correct)
         if record.hypothesis_type:
             self._score(f"accuracy{BREAKDOWN}hypothesis_type/{record.hypothesis_type}", correct)
         return {
@@ -402,7 +403,7 @@ class EntailmentMetric(Metric):
             "hypothesis": record.hypothesis,
             "answer": predicted,
             "predicted_label": answer_to_label.get(predicted, predicted),
-            "gold_label": answer_to_label.get(gold, gold),
+            "gold_label": gold_label,
         }
 
 
