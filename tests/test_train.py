@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -644,6 +645,61 @@ def test_plain_loop_run_writes_logs_checkpoints_and_a_loadable_model(workdir, tm
     assert len(tokenizer.vocab) == model.config.vocab_size
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, again.state_dict()[name]), name
+
+
+def test_a_run_fine_tunes_a_trained_model_from_its_folder(workdir, tmp_path):
+    """init_from: the trained weights with a fresh optimizer; at lr 0 the model written is the one it started from."""
+    from accelerate.state import AcceleratorState
+
+    from unifier.modeling import load_pretrained
+    from unifier.train import main
+
+    def run(out: Path, steps: int, **flags) -> None:
+        try:
+            assert main(run_args(workdir, out, steps, zero=0, **flags)) == 0
+        finally:
+            AcceleratorState._reset_state(True)
+
+    base, fresh, tuned, frozen = (tmp_path / name for name in ("base", "fresh", "tuned", "frozen"))
+    run(base, 30)
+    run(fresh, 1, seed=1)
+    run(tuned, 1, seed=1, **{"init-from": base / "model"})  # the same first batch as `fresh`
+    assert losses(tuned)[1] < 0.9 * losses(fresh)[1]  # it starts where the base run left off, not from scratch
+    assert yaml.safe_load((tuned / "config.yaml").read_text())["init_from"] == str(base / "model")
+
+    run(frozen, 2, seed=1, lr=0.0, **{"init-from": base / "model"})
+    source, _ = load_pretrained(base / "model")
+    written, _ = load_pretrained(frozen / "model")
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(tensor, written.state_dict()[name]), name
+
+
+def test_fine_tuning_needs_the_model_s_own_tokenizer(workdir, tmp_path):
+    from unifier.tokenization import load_tokenizer
+    from unifier.train import check_same_tokenizer
+
+    model_folder = tmp_path / "model"
+    tokenizer = load_tokenizer(workdir / "tokenizer")
+    config = TrainConfig(model=str(workdir / "tiny.yaml"), tokenizer=str(workdir / "tokenizer"))
+    build_training_model(config, tokenizer).save_pretrained(model_folder)
+    with pytest.raises(FileNotFoundError, match="tokenizer/text.model is missing"):
+        build_training_model(dataclasses.replace(config, init_from=str(model_folder)), tokenizer)
+    shutil.copytree(workdir / "tokenizer", model_folder / "tokenizer")
+    check_same_tokenizer(model_folder / "tokenizer", workdir / "tokenizer")  # the same files: no error
+    model = build_training_model(dataclasses.replace(config, init_from=str(model_folder), dropout=0.25), tokenizer)
+    assert model.config.dropout == 0.25  # the run's overrides apply to the loaded model
+
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(workdir / "tokenizer", other)
+    vocab = json.loads((other / "vocab.json").read_text())
+    (other / "vocab.json").write_text(json.dumps({**vocab, "num_bins": vocab["num_bins"] + 1}))
+    message = f"differs from the run's ({other}) in vocab.json: give the run --tokenizer {model_folder / 'tokenizer'}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_training_model(dataclasses.replace(config, init_from=str(model_folder), tokenizer=str(other)), tokenizer)
+    with pytest.raises(FileNotFoundError, match="no config.json, not a Unifier model folder"):
+        build_training_model(dataclasses.replace(config, init_from=str(tmp_path)), tokenizer)
+    with pytest.raises(ValueError, match="init_from and pretrained_bart both set"):
+        build_training_model(dataclasses.replace(config, init_from=str(model_folder), pretrained_bart="x"), tokenizer)
 
 
 def test_one_process_deepspeed_run_without_partitioning_resumes_exactly_under_its_own_engine(workdir, tmp_path):

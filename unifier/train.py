@@ -73,6 +73,10 @@ class TrainConfig:
     mixture: str = "tasks/shapes/mixture.yaml"
     model: str = "tiny"  # a size of configs/model/ or a YAML path
     pretrained_bart: str | None = None  # initialise the transformer from this BART (folder or hub name)
+    # Fine-tune: start from the weights of this trained model folder (runs/<name>/model) with a fresh optimizer and
+    # schedule. Its size comes from the folder (`model` is not used), and its tokenizer must be the run's, byte for
+    # byte: the same ids would otherwise name other pieces, bins or codes.
+    init_from: str | None = None
     dropout: float | None = None  # overrides the model size's dropout
     gradient_checkpointing: bool = False
     # Attention kernel for training: "sdpa" (torch's scaled_dot_product_attention, transformers' default) or "eager"
@@ -608,15 +612,45 @@ def validation_batches(mixture, tasks, collate, count: int, batch_size: int) -> 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Model, optimizer and schedule
-def build_training_model(config: TrainConfig, tokenizer):
-    """The freshly initialised model a run trains: its size, dropout, attention kernel and checkpointing."""
-    from unifier.modeling import build_model
+def build_training_model(config: TrainConfig, tokenizer, tokenizer_folder: str | Path | None = None):
+    """The model a run trains: freshly initialised at its size, or a trained model's weights (`init_from`, whose
+    tokenizer must match `tokenizer_folder`); then its dropout, attention kernel and checkpointing."""
+    from unifier.modeling import UnifierForConditionalGeneration, build_model
 
     overrides = {"dropout": config.dropout, "attn_implementation": config.attn_implementation}
-    model = build_model(config.model, tokenizer, pretrained_bart=config.pretrained_bart, **overrides)
+    if config.init_from:
+        if config.pretrained_bart:
+            raise ValueError("init_from and pretrained_bart both set: a run starts from one model's weights")
+        folder = Path(config.init_from)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"init_from {folder}: no config.json, not a Unifier model folder (runs/<name>/model)"
+            )
+        check_same_tokenizer(folder / "tokenizer", tokenizer_folder or config.tokenizer)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        model = UnifierForConditionalGeneration.from_pretrained(folder, **given)
+    else:
+        model = build_model(config.model, tokenizer, pretrained_bart=config.pretrained_bart, **overrides)
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable()
     return model
+
+
+# The files that give a tokenizer's ids their meaning (text pieces and token ranges; the VQ-GAN's codes).
+TOKENIZER_IDENTITY_FILES = ("text.model", "vocab.json", "image_tokenizer/model.safetensors")
+
+
+def check_same_tokenizer(model_tokenizer: str | Path, run_tokenizer: str | Path) -> None:
+    """Raise unless the two tokenizer folders hold the same identity files, byte for byte."""
+    for name in TOKENIZER_IDENTITY_FILES:
+        ours, theirs = Path(run_tokenizer) / name, Path(model_tokenizer) / name
+        if not theirs.is_file():
+            raise FileNotFoundError(f"init_from: {theirs} is missing: the model folder has no complete tokenizer")
+        if not ours.is_file() or ours.read_bytes() != theirs.read_bytes():
+            raise ValueError(
+                f"init_from: the model's tokenizer ({model_tokenizer}) differs from the run's ({run_tokenizer}) in "
+                f"{name}: give the run --tokenizer {model_tokenizer}"
+            )
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -1010,7 +1044,7 @@ def train(config: TrainConfig) -> Path:
     tokenizer = load_tokenizer(tokenizer_folder, map_location=str(accelerator.device))
     mixture = load_mixture(config.mixture)
     tasks = [build_task_from_config(task_config, tokenizer) for task_config, _ in mixture]
-    model = build_training_model(config, tokenizer)
+    model = build_training_model(config, tokenizer, tokenizer_folder)
     task_options = task_options_of(tasks)
     # How the final evaluation decodes each task, kept in the model folder for predict, the demo and the gallery.
     task_decoding = task_decoding_of([task_config for task_config, _ in mixture], config.eval_decoding)
