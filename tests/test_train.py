@@ -38,6 +38,7 @@ from unifier.train import (
     build_training_model,
     deepspeed_config,
     deepspeed_stage,
+    describe_start,
     list_checkpoints,
     load_config,
     lr_factor,
@@ -666,6 +667,8 @@ def test_a_run_fine_tunes_a_trained_model_from_its_folder(workdir, tmp_path):
     run(tuned, 1, seed=1, **{"init-from": base / "model"})  # the same first batch as `fresh`
     assert losses(tuned)[1] < 0.9 * losses(fresh)[1]  # it starts where the base run left off, not from scratch
     assert yaml.safe_load((tuned / "config.yaml").read_text())["init_from"] == str(base / "model")
+    assert describe_start(TrainConfig(init_from=str(base / "model"))) == f"fine-tuned from `{base / 'model'}`"
+    assert describe_start(TrainConfig()) == "`tiny`"
 
     run(frozen, 2, seed=1, lr=0.0, **{"init-from": base / "model"})
     source, _ = load_pretrained(base / "model")

@@ -1273,6 +1273,15 @@ def results_table(summaries: dict[str, dict[str, Any]], targets: dict[str, dict[
     return "\n".join(lines)
 
 
+def describe_start(config: TrainConfig) -> str:
+    """What a run's weights started from, for its report: its size, or the model folder it fine-tuned."""
+    if config.init_from:
+        return f"fine-tuned from `{config.init_from}`"
+    return f"`{config.model}`" + (
+        f" initialised from BART `{config.pretrained_bart}`" if config.pretrained_bart else ""
+    )
+
+
 def render_report(
     config: TrainConfig, table: str, timings: dict, processes: int, gallery: Path | None, engine: str
 ) -> str:
@@ -1292,7 +1301,7 @@ def render_report(
         "",
         # as a shell takes it back: an empty value (--tokenizer-recipe '') quoted
         f"- command: `{shlex.join(['python', *sys.argv]) if sys.argv else 'train()'}`",
-        f"- model `{config.model}`, {config.steps} steps of {config.batch_size * config.grad_accum * processes} "
+        f"- model {describe_start(config)}, {config.steps} steps of {config.batch_size * config.grad_accum * processes} "
         f"examples, mixture `{config.mixture}`, evaluated on the `{config.eval_split}` split of each task file",
         f"- machine: {device}, {processes} process(es), {precision}, {engine}, torch {torch.__version__}, "
         f"Python {platform.python_version()}",
