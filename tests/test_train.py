@@ -244,7 +244,21 @@ def test_presets_start_from_a_base_file(tmp_path):
     (tmp_path / "b.yaml").write_text("base: a.yaml\nlr: 0.1\n")
     with pytest.raises(ValueError, match="form a cycle"):
         load_config(tmp_path / "a.yaml")
-    with pytest.raises(SystemExit, match="unknown preset 'nope'; known: full, gpu, shapes"):
+    # The full preset's fine-tuning stages: each starts from the model of the one before, with the full preset's
+    # tokenizer and evaluation, into a folder of its own.
+    stage2 = load_config(REPO / "configs/train/full-stage2.yaml")
+    stage3 = load_config(REPO / "configs/train/full-stage3.yaml")
+    assert stage2.init_from == f"{full.output_dir}/model" and stage3.init_from == f"{stage2.output_dir}/model"
+    for stage in (stage2, stage3):
+        assert (stage.tokenizer, stage.eval_decoding, stage.targets) == (
+            full.tokenizer,
+            full.eval_decoding,
+            full.targets,
+        )
+        assert stage.steps < full.steps and stage.lr < full.lr and stage.mixture != full.mixture
+    assert len({full.output_dir, stage2.output_dir, stage3.output_dir}) == 3
+    assert (stage2.loss_length_power, stage3.loss_length_power) == (1.0, 0.0)
+    with pytest.raises(SystemExit, match="unknown preset 'nope'; known: full, full-stage2, full-stage3, gpu, shapes"):
         main(["--preset", "nope"])
     with pytest.raises(SystemExit, match="--preset or --config, not both"):
         main(["--preset", "shapes", "--config", "configs/train/shapes.yaml"])
@@ -664,9 +678,12 @@ def test_a_run_fine_tunes_a_trained_model_from_its_folder(workdir, tmp_path):
     base, fresh, tuned, frozen = (tmp_path / name for name in ("base", "fresh", "tuned", "frozen"))
     run(base, 30)
     run(fresh, 1, seed=1)
-    run(tuned, 1, seed=1, **{"init-from": base / "model"})  # the same first batch as `fresh`
+    # The same first batch as `fresh`; the run's tokenizer folder is not there, so it takes the model's own.
+    run(tuned, 1, seed=1, tokenizer=tmp_path / "absent", **{"init-from": base / "model"})
     assert losses(tuned)[1] < 0.9 * losses(fresh)[1]  # it starts where the base run left off, not from scratch
-    assert yaml.safe_load((tuned / "config.yaml").read_text())["init_from"] == str(base / "model")
+    written = yaml.safe_load((tuned / "config.yaml").read_text())
+    assert (written["init_from"], written["tokenizer"]) == (str(base / "model"), str(base / "model/tokenizer"))
+    assert not (tmp_path / "absent").exists()  # no tokenizer built from the recipe
     assert describe_start(TrainConfig(init_from=str(base / "model"))) == f"fine-tuned from `{base / 'model'}`"
     assert describe_start(TrainConfig()) == "`tiny`"
 
@@ -679,7 +696,7 @@ def test_a_run_fine_tunes_a_trained_model_from_its_folder(workdir, tmp_path):
 
 def test_fine_tuning_needs_the_model_s_own_tokenizer(workdir, tmp_path):
     from unifier.tokenization import load_tokenizer
-    from unifier.train import check_same_tokenizer
+    from unifier.train import check_same_tokenizer, main
 
     model_folder = tmp_path / "model"
     tokenizer = load_tokenizer(workdir / "tokenizer")
@@ -701,6 +718,11 @@ def test_fine_tuning_needs_the_model_s_own_tokenizer(workdir, tmp_path):
         build_training_model(dataclasses.replace(config, init_from=str(model_folder), tokenizer=str(other)), tokenizer)
     with pytest.raises(FileNotFoundError, match="no config.json, not a Unifier model folder"):
         build_training_model(dataclasses.replace(config, init_from=str(tmp_path)), tokenizer)
+    missing, recipe = tmp_path / "runs/none/model", REPO / "tokenizers/shapes.yaml"
+    args = ["--init-from", str(missing), "--tokenizer", str(tmp_path / "tok"), "--tokenizer-recipe", str(recipe)]
+    with pytest.raises(FileNotFoundError, match=f"init_from {missing}: no such folder; train that model first"):
+        main([*args, "--output-dir", str(tmp_path / "run"), "--no-progress"])
+    assert not (tmp_path / "tok").exists() and not (tmp_path / "run").exists()  # it stopped before building anything
     with pytest.raises(ValueError, match="init_from and pretrained_bart both set"):
         build_training_model(dataclasses.replace(config, init_from=str(model_folder), pretrained_bart="x"), tokenizer)
 

@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--preset",
         help=f"a config of {PRESETS_DIR.relative_to(REPO)}/ by name: shapes (the default), full (12,000 steps), "
-        "gpu (the full preset's samples as 3,000 steps of 128)",
+        "full-stage2 and full-stage3 (fine-tuning the full preset's model, then stage 2's), gpu (the full preset's "
+        "samples as 3,000 steps of 128)",
     )
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("extra", "targets", "eval_decoding", "schedule_anchor"):
@@ -621,11 +622,7 @@ def build_training_model(config: TrainConfig, tokenizer, tokenizer_folder: str |
     if config.init_from:
         if config.pretrained_bart:
             raise ValueError("init_from and pretrained_bart both set: a run starts from one model's weights")
-        folder = Path(config.init_from)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
-                f"init_from {folder}: no config.json, not a Unifier model folder (runs/<name>/model)"
-            )
+        folder = check_init_folder(config.init_from)
         check_same_tokenizer(folder / "tokenizer", tokenizer_folder or config.tokenizer)
         given = {k: v for k, v in overrides.items() if v is not None}
         model = UnifierForConditionalGeneration.from_pretrained(folder, **given)
@@ -634,6 +631,16 @@ def build_training_model(config: TrainConfig, tokenizer, tokenizer_folder: str |
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable()
     return model
+
+
+def check_init_folder(init_from: str | Path) -> Path:
+    """The model folder a fine-tune starts from, or an error saying why it cannot."""
+    folder = Path(init_from)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"init_from {folder}: no such folder; train that model first (it is runs/<name>/model)")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"init_from {folder}: no config.json, not a Unifier model folder (runs/<name>/model)")
+    return folder
 
 
 # The files that give a tokenizer's ids their meaning (text pieces and token ranges; the VQ-GAN's codes).
@@ -1013,6 +1020,10 @@ def train(config: TrainConfig) -> Path:
     unknown = sorted(set(config.eval_decoding) - {c.name for c, _ in load_mixture(config.mixture)})
     if unknown:  # before the tokenizer build and the training, not when the evaluation starts
         raise ValueError(f"eval_decoding names task(s) {unknown} that the mixture {config.mixture} does not have")
+    if config.init_from:  # now, not after a tokenizer build of many minutes
+        model_tokenizer = check_init_folder(config.init_from) / "tokenizer"
+        if not Path(config.tokenizer).is_dir():  # the model brings the tokenizer it needs: nothing to build
+            config.tokenizer = str(model_tokenizer)
     run_dir = Path(config.output_dir)
     previous = [p.name for p in (run_dir / "log.jsonl", run_dir / "checkpoints", run_dir / "model") if p.exists()]
     if previous and not config.resume:  # a second run would append to its log and mix the two runs' checkpoints
