@@ -613,9 +613,9 @@ def validation_batches(mixture, tasks, collate, count: int, batch_size: int) -> 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Model, optimizer and schedule
-def build_training_model(config: TrainConfig, tokenizer, tokenizer_folder: str | Path | None = None):
+def build_training_model(config: TrainConfig, tokenizer):
     """The model a run trains: freshly initialised at its size, or a trained model's weights (`init_from`, whose
-    tokenizer must match `tokenizer_folder`); then its dropout, attention kernel and checkpointing."""
+    tokenizer must match the run's `tokenizer` folder); then its dropout, attention kernel and checkpointing."""
     from unifier.modeling import UnifierForConditionalGeneration, build_model
 
     overrides = {"dropout": config.dropout, "attn_implementation": config.attn_implementation}
@@ -623,7 +623,7 @@ def build_training_model(config: TrainConfig, tokenizer, tokenizer_folder: str |
         if config.pretrained_bart:
             raise ValueError("init_from and pretrained_bart both set: a run starts from one model's weights")
         folder = check_init_folder(config.init_from)
-        check_same_tokenizer(folder / "tokenizer", tokenizer_folder or config.tokenizer)
+        check_same_tokenizer(folder / "tokenizer", config.tokenizer)
         given = {k: v for k, v in overrides.items() if v is not None}
         model = UnifierForConditionalGeneration.from_pretrained(folder, **given)
     else:
@@ -1055,7 +1055,7 @@ def train(config: TrainConfig) -> Path:
     tokenizer = load_tokenizer(tokenizer_folder, map_location=str(accelerator.device))
     mixture = load_mixture(config.mixture)
     tasks = [build_task_from_config(task_config, tokenizer) for task_config, _ in mixture]
-    model = build_training_model(config, tokenizer, tokenizer_folder)
+    model = build_training_model(config, tokenizer)
     task_options = task_options_of(tasks)
     # How the final evaluation decodes each task, kept in the model folder for predict, the demo and the gallery.
     task_decoding = task_decoding_of([task_config for task_config, _ in mixture], config.eval_decoding)
