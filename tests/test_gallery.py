@@ -30,6 +30,7 @@ from unifier.gallery import (
     read_log,
     render_page,
     series_colors,
+    stage_logs,
     write_gallery,
 )
 from unifier.tasks.base import BoxOutput, ImageOutput, TextOutput
@@ -198,6 +199,40 @@ def test_log_series_groups_losses_and_validation_metrics(tmp_path):
     png = plot_curves(series, tmp_path / "curves.png")
     with Image.open(png) as image:
         assert image.width > 3 * image.height / 2  # one row of three plots
+
+
+def write_stage(run_dir: Path, steps: int, init_from: Path | None) -> Path:
+    """A fine-tuning stage's run folder as train.py leaves it: log.jsonl beside a config.yaml naming its init_from."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(f"steps: {steps}\ninit_from: {'null' if init_from is None else init_from}\n")
+    return write_log(run_dir / "log.jsonl", steps)
+
+
+def test_a_fine_tuned_run_s_curves_follow_those_of_the_runs_it_started_from(tmp_path):
+    write_stage(tmp_path / "base", 60, None)
+    write_stage(tmp_path / "stage2", 40, tmp_path / "base" / "model")
+    last = write_stage(tmp_path / "stage3", 20, tmp_path / "stage2" / "model")
+    stages, notes = stage_logs(last)
+    assert [stage.path.parent.name for stage in stages] == ["base", "stage2", "stage3"]
+    assert [stage.step_offset for stage in stages] == [0, 60, 100] and notes == []
+    index = write_gallery(ShapesOracle(2), tmp_path / "gallery", n=2, log_path=last)
+    page = index.read_text(encoding="utf-8")
+    assert "from step 60, fine-tuning the run before" in page and "from step 100," in page
+    assert (tmp_path / "gallery" / "curves.png").is_file()
+    series = log_series([{**e, "step": e["step"] + s.step_offset} for s in stages for e in s.entries])
+    assert [step for step, _ in series["validation loss"]["val_loss/vqa"]] == [20, 40, 60, 80, 100, 120]
+
+    # A stage whose earlier log is gone plots from itself and says so; a loop of init_froms ends.
+    (tmp_path / "base" / "log.jsonl").unlink()
+    stages, notes = stage_logs(tmp_path / "stage2" / "log.jsonl")
+    assert len(stages) == 1 and "is not there" in notes[0] and str(tmp_path / "base" / "log.jsonl") in notes[0]
+    write_stage(tmp_path / "a", 10, tmp_path / "b" / "model")
+    write_stage(tmp_path / "b", 10, tmp_path / "a" / "model")
+    stages, _ = stage_logs(tmp_path / "a" / "log.jsonl")
+    assert [stage.path.parent.name for stage in stages] == ["b", "a"]
+    (tmp_path / "a" / "config.yaml").write_text("init_from: [unclosed\n")
+    stages, notes = stage_logs(tmp_path / "a" / "log.jsonl")
+    assert len(stages) == 1 and "not readable YAML" in notes[0]
 
 
 def test_log_series_reads_validation_by_key_names_too():

@@ -2,7 +2,8 @@
 
 A static HTML page of what a model does on shapes-world scenes: captions under images, questions and
 answers, grounding boxes (predicted and true in two colors), region captions, entailment verdicts,
-text-to-image samples beside their prompts, and the training curves of the run's log as plots.
+text-to-image samples beside their prompts, and the training curves of the run's log as plots (a fine-tuned
+model's after those of the runs it was fine-tuned from).
 
     from unifier.gallery import write_gallery
     index = write_gallery(Unifier.from_pretrained("runs/shapes-tiny/model"), "runs/shapes-tiny/gallery")
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from PIL import Image, ImageDraw
 
 from unifier.data.shapes import ShapesWorld
@@ -51,6 +53,7 @@ QUESTIONS_PER_SCENE = 3
 HYPOTHESES_PER_SCENE = 3
 TEXT_TO_IMAGE_SAMPLES = 4  # drawn as the model folder's decoding.json says (the shapes model: top_k 32)
 LOG_FILE_NAME = "log.jsonl"
+RUN_CONFIG_FILE_NAME = "config.yaml"  # a training run's settings, beside its log
 
 
 # ---- drawing -----------------------------------------------------------------------------------------------------
@@ -182,8 +185,13 @@ def series_colors(series: dict[str, dict[str, list[tuple[float, float]]]]) -> di
     return {name: by_key[name.split("/", 1)[-1]] for curves in series.values() for name in curves}
 
 
-def plot_curves(series: dict[str, dict[str, list[tuple[float, float]]]], out_path: str | Path) -> Path:
-    """One row of plots (one per group of log_series) saved as a PNG; losses on a log scale when positive."""
+def plot_curves(
+    series: dict[str, dict[str, list[tuple[float, float]]]],
+    out_path: str | Path,
+    stage_starts: Sequence[float] = (),
+) -> Path:
+    """One row of plots (one per group of log_series) saved as a PNG; losses on a log scale when positive; a dashed
+    line at each step in `stage_starts`, where a fine-tuning stage began."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: a file only
@@ -207,8 +215,10 @@ def plot_curves(series: dict[str, dict[str, list[tuple[float, float]]]], out_pat
         values = [v for points in curves.values() for _, v in points]
         if "loss" in group and min(values) > 0:
             ax.set_yscale("log")
+        for start in stage_starts:
+            ax.axvline(start, color="0.4", linestyle="--", linewidth=0.9)
         ax.set_title(group)
-        ax.set_xlabel("step")
+        ax.set_xlabel("step" if not stage_starts else "step (dashed: a fine-tuning stage starts)")
         ax.grid(alpha=0.3)
         # Under the axes, not inside: seven curves leave no corner free of lines.
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
@@ -216,6 +226,89 @@ def plot_curves(series: dict[str, dict[str, list[tuple[float, float]]]], out_pat
     fig.savefig(out_path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return Path(out_path)
+
+
+@dataclass
+class StageLog:
+    """One training run's log within a chain of fine-tuning stages: its entries, and the offset added to their steps
+    so that they follow the stage before (0 for the first)."""
+
+    path: Path
+    entries: list[dict[str, Any]]
+    skipped: int
+    step_offset: float
+
+
+def _last_step(entries: Sequence[dict[str, Any]]) -> float:
+    steps = [entry[key] for entry in entries for key in _STEP_KEYS if isinstance(entry.get(key), (int, float))]
+    return float(max(steps, default=0))
+
+
+def _fine_tuned_from(log_path: Path) -> tuple[Path | None, str | None]:
+    """The log of the run that `log_path`'s run fine-tuned (`init_from: runs/<name>/model` in the config.yaml beside
+    the log) and, when that chain breaks off, a note saying why."""
+    config_path = log_path.parent / RUN_CONFIG_FILE_NAME
+    if not config_path.is_file():
+        return None, None
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        return None, f"{config_path} is not readable YAML ({type(error).__name__}): the curves start at its run"
+    init_from = config.get("init_from") if isinstance(config, dict) else None
+    if not init_from:
+        return None, None
+    earlier = Path(init_from).parent / LOG_FILE_NAME  # init_from is a model folder, runs/<name>/model
+    if not earlier.is_file():
+        return None, f"the log of the run it fine-tuned ({earlier}) is not there: the curves start at this run"
+    return earlier, None
+
+
+def stage_logs(log_path: str | Path, max_stages: int = 20) -> tuple[list[StageLog], list[str]]:
+    """The log at `log_path` and the logs of the runs it was fine-tuned from, oldest first, each stage's steps placed
+    after the last step of the stage before; and notes where the chain breaks off (a missing earlier log).
+
+    A fine-tuned model's own log starts again at step 1, so without its earlier stages the page would show only the
+    last stretch of its training.
+    """
+    chain, notes = [Path(log_path)], []
+    seen = {Path(log_path).resolve()}
+    while len(chain) < max_stages:
+        earlier, note = _fine_tuned_from(chain[0])
+        if note:
+            notes.append(note)
+        if earlier is None or earlier.resolve() in seen:
+            break
+        seen.add(earlier.resolve())
+        chain.insert(0, earlier)
+    stages, offset = [], 0.0
+    for path in chain:
+        entries, skipped = read_log(path)
+        stages.append(StageLog(path, entries, skipped, offset))
+        offset += _last_step(entries)
+    return stages, notes
+
+
+def _shift_steps(entries: Sequence[dict[str, Any]], offset: float) -> list[dict[str, Any]]:
+    if not offset:
+        return list(entries)
+    shifted = []
+    for entry in entries:
+        entry = dict(entry)
+        for key in _STEP_KEYS:
+            if isinstance(entry.get(key), (int, float)) and not isinstance(entry[key], bool):
+                entry[key] = entry[key] + offset
+        shifted.append(entry)
+    return shifted
+
+
+def describe_stages(stages: Sequence[StageLog]) -> str:
+    """The page's line under the curves: which logs, and where each fine-tuning stage starts."""
+    parts = []
+    for index, stage in enumerate(stages):
+        skipped = f", {stage.skipped} unreadable lines skipped" if stage.skipped else ""
+        start = f" from step {stage.step_offset:,.0f}, fine-tuning the run before" if index else ""
+        parts.append(f"{stage.path} ({len(stage.entries)} entries{skipped}){start}")
+    return "log: " + "; then ".join(parts)
 
 
 def find_log(model_dir: str | Path) -> Path | None:
@@ -565,7 +658,8 @@ def write_gallery(
     """Write the gallery folder (index.html, panels/*.png, curves.png) and return the path of index.html.
 
     log_path: a training log (JSON lines) to plot; None looks for log.jsonl next to the model's folder
-    (`unifier.model_dir` when the model knows it). image_size: of the scenes; None: the model's own.
+    (`unifier.model_dir` when the model knows it). Where the run fine-tuned another (`init_from` in the config.yaml
+    beside its log), that run's log is plotted before it, and so on back to the first stage. image_size: of the scenes; None: the model's own.
     """
     if n < 1:
         raise ValueError(f"gallery: n must be at least 1, got {n}")
@@ -582,14 +676,13 @@ def write_gallery(
         cards = gallery_cards(unifier, PanelWriter(staging / "panels"), n, split, image_size)
         curves, notes = None, []
         if log_path is not None:
-            entries, skipped = read_log(log_path)
+            stages, chain_notes = stage_logs(log_path)
+            entries = [entry for stage in stages for entry in _shift_steps(stage.entries, stage.step_offset)]
             series = log_series(entries)
             if series:
-                plot_curves(series, staging / "curves.png")
+                plot_curves(series, staging / "curves.png", [stage.step_offset for stage in stages[1:]])
                 curves = "curves.png"
-            notes.append(
-                f"log: {log_path} ({len(entries)} entries{f', {skipped} unreadable lines skipped' if skipped else ''})"
-            )
+            notes += [describe_stages(stages), *chain_notes]
             if not series:
                 notes.append("the log holds no numeric loss or validation series with a step")
         name = model_name or (str(model_dir) if model_dir is not None else type(unifier).__name__)
