@@ -850,7 +850,7 @@ def test_two_process_zero2_run_learns_checkpoints_and_resumes_exactly(workdir, t
     entailment = json.loads((full / "eval" / "entailment_metrics.json").read_text())["metrics"]
     assert {f"accuracy/by_label/{label}" for label in ("entailment", "contradiction", "neutral")} <= set(entailment)
     assert "accuracy/by_hypothesis_type/neutral" in entailment  # the first scene's six hypotheses, two of them neutral
-    assert (full / "gallery" / "index.html").is_file()
+    assert f"model {full / 'model'} &middot;" in (full / "gallery" / "index.html").read_text()
     assert json.loads((full / "model" / "tasks.json").read_text())["vqa"]["answers"][:2] == ["yes", "no"]
     decoding = json.loads((full / "model" / "decoding.json").read_text())  # as the evaluation decoded each task
     assert decoding["text_to_image"]["num_candidates"] == 2 and decoding["vqa"]["num_beams"] == 1

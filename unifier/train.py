@@ -1230,7 +1230,11 @@ def final_report(config: TrainConfig, model_folder: Path, run_dir: Path, acceler
 
             start = time.perf_counter()
             gallery_index = write_gallery(
-                unifier, run_dir / "gallery", n=config.gallery_scenes, log_path=run_dir / "log.jsonl"
+                unifier,
+                run_dir / "gallery",
+                n=config.gallery_scenes,
+                log_path=run_dir / "log.jsonl",
+                model_name=str(run_dir / "model"),  # the folder it is written to next; the page said "Unifier"
             )
             timings["gallery_seconds"] = time.perf_counter() - start
         table = results_table(summaries, config.targets)
