@@ -685,6 +685,8 @@ def test_a_run_fine_tunes_a_trained_model_from_its_folder(workdir, tmp_path):
     assert losses(tuned)[1] < 0.9 * losses(fresh)[1]  # it starts where the base run left off, not from scratch
     written = yaml.safe_load((tuned / "config.yaml").read_text())
     assert (written["init_from"], written["tokenizer"]) == (str(base / "model"), str(base / "model/tokenizer"))
+    assert written["model"] is None  # the size came from the folder, not the default `tiny` it would otherwise name
+    assert yaml.safe_load((base / "config.yaml").read_text())["model"] == str(workdir / "tiny.yaml")
     assert not (tmp_path / "absent").exists()  # no tokenizer built from the recipe
     assert describe_start(TrainConfig(init_from=str(base / "model"))) == f"fine-tuned from `{base / 'model'}`"
     assert describe_start(TrainConfig()) == "`tiny`"

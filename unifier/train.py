@@ -71,7 +71,7 @@ class TrainConfig:
     tokenizer: str = "runs/tokenizer-shapes"  # tokenizer folder
     tokenizer_recipe: str | None = "tokenizers/shapes.yaml"  # builds `tokenizer` when the folder is missing
     mixture: str = "tasks/shapes/mixture.yaml"
-    model: str = "tiny"  # a size of configs/model/ or a YAML path
+    model: str | None = "tiny"  # a size of configs/model/ or a YAML path; None in a fine-tune's config.yaml
     pretrained_bart: str | None = None  # initialise the transformer from this BART (folder or hub name)
     # Fine-tune: start from the weights of this trained model folder (runs/<name>/model) with a fresh optimizer and
     # schedule. Its size comes from the folder (`model` is not used), and its tokenizer must be the run's, byte for
@@ -1024,6 +1024,7 @@ def train(config: TrainConfig) -> Path:
         model_tokenizer = check_init_folder(config.init_from) / "tokenizer"
         if not Path(config.tokenizer).is_dir():  # the model brings the tokenizer it needs: nothing to build
             config.tokenizer = str(model_tokenizer)
+        config.model = None  # the size is the model folder's: config.yaml must not name one the run did not use
     run_dir = Path(config.output_dir)
     previous = [p.name for p in (run_dir / "log.jsonl", run_dir / "checkpoints", run_dir / "model") if p.exists()]
     if previous and not config.resume:  # a second run would append to its log and mix the two runs' checkpoints
