@@ -41,6 +41,7 @@ from unifier.train import (
     describe_start,
     list_checkpoints,
     load_config,
+    loss_length_power_at,
     lr_factor,
     reschedule,
     results_table,
@@ -630,6 +631,17 @@ def test_train_step_minimises_the_weighted_mean_over_its_micro_batches(workdir, 
     for (name, param), grad in zip(model.named_parameters(), gradients, strict=True):
         step = reference[name] - param.detach()
         torch.testing.assert_close(step, torch.zeros_like(step) if grad is None else grad, rtol=1e-4, atol=1e-6)
+
+
+def test_the_late_loss_weighting_starts_at_its_fraction_of_the_fitted_updates():
+    config = TrainConfig(steps=1000, late_loss_length_power=0.0, late_loss_from=0.7)
+    assert [loss_length_power_at(config, step) for step in (0, 699, 700, 999)] == [1.0, 1.0, 0.0, 0.0]
+    config.steps = 2000  # a time budget's re-fit moves the switch with the run's end
+    assert (loss_length_power_at(config, 700), loss_length_power_at(config, 1400)) == (1.0, 0.0)
+    assert loss_length_power_at(TrainConfig(steps=1000, loss_length_power=0.5), 999) == 0.5  # no late weighting
+    with pytest.raises(ValueError, match="late_loss_from must lie in \\[0, 1\\], got 1.5"):
+        TrainConfig(late_loss_length_power=0.0, late_loss_from=1.5)
+    assert build_parser().parse_args(["--late-loss-length-power", "0"]).late_loss_length_power == 0.0
 
 
 # ---- runs ---------------------------------------------------------------------------------------------------------

@@ -107,6 +107,11 @@ class TrainConfig:
     # token counts once (the token-mean: a 65-code image outweighs a one-word answer 30 to 1); 0: every example
     # counts once, so the mixture weights alone set each task's share of the gradient.
     loss_length_power: float = 1.0
+    # From this fraction of the run's updates on (of `steps` as a time budget fits it), weigh examples by
+    # late_loss_length_power instead: the fine-tuning stages learnt entailment's size claims only once every example
+    # counted once (README finding 21), while that weighting from the first update starves the long targets (finding 6).
+    late_loss_length_power: float | None = None
+    late_loss_from: float = 0.7
     lr: float = 5e-4
     min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
     warmup_steps: int = 100
@@ -153,8 +158,10 @@ class TrainConfig:
         problems = []
         if self.zero not in ZERO_SETTINGS:
             problems.append(f"zero must be auto, 0, 1, 2 or 3, got {self.zero!r}")
-        if not 0.0 <= self.loss_length_power <= 1.0:
-            problems.append(f"loss_length_power must lie in [0, 1], got {self.loss_length_power}")
+        for name in ("loss_length_power", "late_loss_length_power", "late_loss_from"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                problems.append(f"{name} must lie in [0, 1], got {value}")
         if self.attn_implementation not in (None, "sdpa", "eager"):
             problems.append(f"attn_implementation must be sdpa or eager, got {self.attn_implementation!r}")
         if self.decay not in ("cosine", "linear", "constant"):
@@ -927,6 +934,13 @@ def validate(model, batches: dict[str, list], device) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The run
+def loss_length_power_at(config: TrainConfig, step: int) -> float:
+    """The example weighting of update `step` (0-based): `late_loss_length_power` from `late_loss_from` of the run on."""
+    if config.late_loss_length_power is not None and step >= config.late_loss_from * config.steps:
+        return config.late_loss_length_power
+    return config.loss_length_power
+
+
 def train_step(
     accelerator, model, optimizer, scheduler, batches: list[list], max_grad_norm: float, length_power: float = 1.0
 ):
@@ -1125,7 +1139,7 @@ def train(config: TrainConfig) -> Path:
         batches = prefetcher.batches(step, last_step=config.steps - 1)
         batches = [[group.to(accelerator.device) for group in groups] for groups in batches]
         outputs, grad_norm = train_step(
-            accelerator, model, optimizer, scheduler, batches, config.max_grad_norm, config.loss_length_power
+            accelerator, model, optimizer, scheduler, batches, config.max_grad_norm, loss_length_power_at(config, step)
         )
         micro_batches = [group for groups in batches for group in groups]
         for batch, (_, token_loss) in zip(micro_batches, outputs, strict=True):
